@@ -1,0 +1,117 @@
+"""Run settings as dataclasses. The CLI, config files and the Python API use the same names.
+
+Each field's metadata carries its help text with the unit, which the CLI shows in --help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TranscribeConfig:
+    teacher: str = option("", "teacher: a folder from 'synthgen train-teacher', a .safetensors file (with "
+                          "--teacher-factory), a TorchScript or a torch.export archive", required=True)
+    out: str = option("runs/transcribe", "run folder to create (models, privacy report, metrics, sample grid)")
+    teacher_factory: str | None = option(None, "package.module:function that builds the teacher architecture for .safetensors weights")
+    teacher_meta: str | None = option(None, "JSON file with the teacher's metadata (input_shape, class_names, mean, std) "
+                                      "for a teacher not trained by synthgen")
+    trust_pickle: bool = option(False, "load a pickle teacher checkpoint; it can run any code it contains")
+    private_data: str | None = option(None, "private training data (folder or Hub id); needed only when the teacher's "
+                                      "metadata lacks the dataset fingerprint and size")
+    eval_data: str | None = option(None, "data with a real test split to measure student accuracy (evaluation only)")
+    eval_split: str = option("test", "split of --eval-data to evaluate on")
+
+    mechanism: str = option("gaussian", "DP labelling: 'gaussian' (data-sensitive), 'noisy-label' (label-sensitive, "
+                            "randomized response with the student prior) or 'none' (no noise: NOT private)")
+    epsilon: float = option(10.0, "target epsilon of the whole transcription, at --delta, for the privacy unit")
+    delta: float = option(1e-5, "target delta; must be below 1/n for n private training examples")
+    budget_epsilon: float | None = option(None, "cap on the total epsilon spent on this teacher (teacher-level) or dataset "
+                                          "(example-level) over all runs; the run is rejected if it would exceed it")
+    ledger: str | None = option(None, "privacy ledger (DuckDB file); default $SYNTHGEN_LEDGER or "
+                                "~/.local/share/synthgen/ledger.duckdb")
+
+    steps: int = option(2000, "training iterations; each sends --batch-size synthetic images to the teacher, so the "
+                        "planned queries are steps x batch-size")
+    batch_size: int = option(256, "synthetic images generated and labelled per iteration (one query each)")
+    student_steps: int = option(1, "student updates per iteration")
+    generator_steps: int = option(1, "generator updates per iteration")
+    student_lr: float = option(1e-3, "student learning rate (Adam)")
+    generator_lr: float = option(1e-3, "generator learning rate (Adam)")
+    top_k: int = option(10, "classes per answer, the student's top-k (gaussian) or the largest set for randomized response")
+    clip_norm: float = option(1.0, "L2 norm C each teacher's top-k probability vector is scaled to (gaussian)")
+    temperature: float = option(1.0, "softmax temperature applied to teacher logits before answering")
+    replay_size: int = option(50000, "answered images kept for re-use by the student (free post-processing); 0 disables")
+    replay_batch: int = option(256, "images drawn from the replay buffer per student update")
+    latent_dim: int = option(100, "generator input size (z ~ N(0, I))")
+    generator_width: int = option(32, "generator channel width")
+    student_width: int = option(32, "student channel width")
+    student_hidden: int = option(256, "student hidden layer size")
+    onehot_weight: float = option(1.0, "generator loss: weight of the student's own-argmax cross-entropy")
+    entropy_weight: float = option(5.0, "generator loss: weight of the class-balance (batch mean entropy) term")
+    activation_weight: float = option(0.1, "generator loss: weight of the student feature activation term")
+    adversarial_weight: float = option(1.0, "generator loss: weight of the term that seeks images where the student "
+                                       "disagrees with the last DP labels")
+
+    seed: int = option(0, "seed of the generator, the student and the latent draws (public)")
+    noise_seed: int | None = option(None, "seed of the DP noise, for reproducible tests only: the guarantee assumes it is "
+                                    "secret. Default: drawn from os.urandom")
+    checkpoint_every: int = option(100, "iterations between checkpoints")
+    eval_every: int = option(200, "iterations between student evaluations on --eval-data (0: only at the end)")
+    eval_limit: int | None = option(None, "evaluate on at most this many test images (quick runs)")
+    resume: bool = option(False, "continue the interrupted run in --out from its last checkpoint")
+    stop_after: int | None = option(None, "stop after this many iterations as if interrupted (for tests of --resume)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    device: str = option("auto", "'auto' (CUDA when available), 'cpu' or 'cuda[:N]'")
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file whose keys are the config's field names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def build_config(cls, values: dict):
+    known = {f.name for f in config_fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; see --help for the names")
+    return cls(**values)
+
+
+@dataclass
+class TeacherTrainConfig:
+    data: str = option("", "private training data: a folder of IDX, parquet or class-folder images, or a Hub dataset id",
+                       required=True)
+    out: str = option("runs/teacher", "folder to write the teacher to (config, safetensors weights, metadata)")
+    epochs: int = option(3, "passes over the private training split")
+    batch_size: int = option(128, "examples per optimiser step")
+    lr: float = option(1e-3, "learning rate (Adam)")
+    width: int = option(32, "channel width of the CNN")
+    hidden: int = option(128, "size of the hidden linear layer")
+    seed: int = option(0, "seed of initialisation and data order")
+    eval_split: str | None = option("test", "split to report test accuracy on (evaluation on private data); empty to skip")
+    limit: int | None = option(None, "train on a random subset of this many examples (quick runs and tests)")

@@ -1,0 +1,536 @@
+"""The DPSD engine: generator, teacher and student trained in alternation.
+
+One iteration:
+
+1. the generator maps z ~ N(0, I) to a batch of synthetic images (rounded to 8 bits);
+2. the student predicts on them; its top-k classes are the public prior;
+3. the mechanism queries the teacher, adds noise, charges the ledger and returns DP labels;
+4. the student learns from those labels and from earlier answers kept in a replay buffer;
+5. the generator learns against the student alone (it never sees the teacher): it seeks
+   images the student classifies confidently, in balanced classes, and where the student
+   disagrees with the DP labels it was just given.
+
+The run stops when the planned queries (iterations x batch size) are spent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, sweep_stale_temporaries
+from .config import TranscribeConfig
+from .data import ImageData, load_image_data
+from .privacy.accounting import (
+    PrivacyEvent, accountant_versions, calibrate_gaussian, calibrate_randomized_response, pld_epsilon,
+    rdp_epsilon, validate_delta, validate_epsilon,
+)
+from .privacy.ledger import TEACHER_UNIT, Ledger, LedgerKey
+from .privacy.mechanism import LabelMechanism, MechanismConfig, NoisyAnswer
+from .replay import ReplayBuffer
+from .teacher import LoadedTeacher, evaluate_accuracy, load_teacher
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "privacy_report.json"
+PRIVATE_DIR = "private"  # never released: data paths, fingerprints, checkpoints with the noise secret
+CHECKPOINT_FILE = "checkpoint.pt"
+# Settings that must not change between an interrupted run and its resumption.
+_FROZEN_SETTINGS = (
+    "mechanism", "epsilon", "delta", "steps", "batch_size", "student_steps", "generator_steps", "student_lr",
+    "generator_lr", "top_k", "clip_norm", "temperature", "replay_size", "replay_batch", "latent_dim",
+    "generator_width", "student_width", "student_hidden", "onehot_weight", "entropy_weight",
+    "activation_weight", "adversarial_weight", "seed", "noise_seed",
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TranscriptionError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TranscriptionError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+class TranscriptionError(ValueError):
+    """Raised for settings or inputs that cannot start a transcription."""
+
+
+@dataclass
+class TranscriptionResult:
+    run_dir: Path
+    report: dict
+    completed: bool
+
+
+# ---------------------------------------------------------------- validation and setup
+
+
+def _check_settings(config: TranscribeConfig) -> None:
+    if config.mechanism not in ("gaussian", "noisy-label", "none"):
+        raise TranscriptionError(f"mechanism must be 'gaussian', 'noisy-label' or 'none', got {config.mechanism!r}")
+    if config.mechanism != "none":
+        try:
+            validate_epsilon(config.epsilon)
+            validate_delta(config.delta)
+            if config.budget_epsilon is not None:
+                validate_epsilon(config.budget_epsilon, "budget_epsilon")
+        except ValueError as error:
+            raise TranscriptionError(str(error)) from None
+    for name in ("steps", "batch_size", "student_steps", "checkpoint_every", "latent_dim", "generator_width",
+                 "student_width", "student_hidden", "top_k"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise TranscriptionError(f"{name} must be an integer >= 1, got {value!r}")
+    for name in ("generator_steps", "replay_size", "replay_batch", "eval_every"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            raise TranscriptionError(f"{name} must be an integer >= 0, got {value!r}")
+    for name in ("student_lr", "generator_lr", "clip_norm", "temperature"):
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise TranscriptionError(f"{name} must be a finite number > 0, got {value!r}")
+    if not config.teacher:
+        raise TranscriptionError("no teacher given: pass --teacher PATH")
+
+
+@dataclass
+class _Setup:
+    teacher: LoadedTeacher
+    dataset_fingerprint: str
+    num_examples: int
+    eval_data: ImageData | None
+    unit: str | None
+    mechanism: MechanismConfig
+    planned: PrivacyEvent | None
+
+
+def _prepare(config: TranscribeConfig) -> _Setup:
+    """Load and check everything a run needs, before anything is written."""
+    _check_settings(config)
+    private = None
+    if config.private_data:
+        private = load_image_data(config.private_data, "train")
+    teacher = load_teacher(config.teacher, factory=config.teacher_factory, meta=config.teacher_meta, data=private,
+                           trust_pickle=config.trust_pickle)
+    meta = teacher.meta
+    fingerprint = meta.dataset_fingerprint
+    num_examples = meta.num_examples
+    if fingerprint is None or num_examples is None:
+        raise TranscriptionError(
+            f"teacher {config.teacher} does not record its private dataset; pass --private-data with the data it "
+            "was trained on, so the ledger can key the spend and delta can be checked against 1/n"
+        )
+    if private is not None and private.fingerprint != fingerprint:
+        raise TranscriptionError(
+            f"--private-data {config.private_data} is not the dataset teacher {config.teacher} was trained on "
+            "(fingerprints differ); pass the teacher's own training data"
+        )
+    eval_data = None
+    if config.eval_data:
+        eval_data = load_image_data(config.eval_data, config.eval_split)
+        if list(eval_data.shape) != list(meta.input_shape) or len(eval_data.class_names) != meta.num_classes:
+            raise TranscriptionError(
+                f"--eval-data {config.eval_data} has images {eval_data.shape} and {len(eval_data.class_names)} classes "
+                f"but the teacher takes {tuple(meta.input_shape)} and predicts {meta.num_classes}; "
+                "use the test split of the teacher's dataset"
+            )
+        if config.eval_limit:
+            eval_data = eval_data.subset(config.eval_limit, seed=0)
+    if config.top_k > meta.num_classes:
+        raise TranscriptionError(f"top_k must be <= the number of classes ({meta.num_classes}), got {config.top_k}")
+
+    planned_queries = config.steps * config.batch_size
+    mechanism = MechanismConfig(mode=config.mechanism, top_k=config.top_k, clip_norm=config.clip_norm,
+                                temperature=config.temperature)
+    planned = None
+    unit = None
+    if config.mechanism != "none":
+        try:
+            validate_delta(config.delta, num_examples)
+        except ValueError as error:
+            raise TranscriptionError(str(error)) from None
+        # One teacher: changing one example may change the teacher arbitrarily, so the only
+        # sound unit is the whole teacher.
+        unit = TEACHER_UNIT
+        if config.mechanism == "gaussian":
+            mechanism.noise_multiplier = calibrate_gaussian(float(config.epsilon), float(config.delta), planned_queries)
+            planned = PrivacyEvent("gaussian", mechanism.noise_multiplier, planned_queries)
+        else:
+            mechanism.eps0 = calibrate_randomized_response(float(config.epsilon), float(config.delta), planned_queries)
+            planned = PrivacyEvent("randomized_response", mechanism.eps0, planned_queries)
+    return _Setup(teacher, fingerprint, num_examples, eval_data, unit, mechanism, planned)
+
+
+def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
+    """Check the run folder; return it and the run id (new, or the interrupted run's)."""
+    run_dir = Path(config.out)
+    run_config = run_dir / PRIVATE_DIR / "run_config.json"
+    if (run_dir / REPORT_FILE).exists():
+        raise TranscriptionError(f"{run_dir} already holds a finished run; choose another --out")
+    if config.resume:
+        if not run_config.is_file():
+            raise TranscriptionError(f"--resume given but {run_dir} holds no interrupted run; drop --resume to start one")
+        saved = json.loads(run_config.read_text())
+        changed = [name for name in _FROZEN_SETTINGS if saved["config"].get(name) != getattr(config, name)]
+        if changed:
+            raise TranscriptionError(
+                f"cannot resume {run_dir}: {', '.join(changed)} differ from the interrupted run; use the same settings"
+            )
+        return run_dir, saved["run_id"]
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if run_config.is_file():
+            raise TranscriptionError(f"{run_dir} holds an interrupted run: pass --resume to continue it, or choose another --out")
+        raise TranscriptionError(f"{run_dir} exists and is not empty; choose another --out")
+    return run_dir, uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Run:
+    def __init__(self, config: TranscribeConfig, setup: _Setup, run_dir: Path, run_id: str, ledger: Ledger | None):
+        from .models import Classifier, Generator
+
+        self.config = config
+        self.setup = setup
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.ledger = ledger
+        meta = setup.teacher.meta
+        channels, height, _ = meta.input_shape
+        self.class_names = list(meta.class_names)
+        torch.manual_seed(config.seed)
+        self.generator = Generator(latent_dim=config.latent_dim, image_size=height, channels=channels,
+                                   width=config.generator_width)
+        # The student's normalisation is a public constant, not a statistic of the private data.
+        self.student = Classifier(image_size=height, channels=channels, num_classes=meta.num_classes,
+                                  width=config.student_width, hidden=config.student_hidden, mean=(0.5,) * channels,
+                                  std=(0.5,) * channels, class_names=self.class_names)
+        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
+        self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)
+        self.device = resolve_device(config.device)
+        self.generator.to(self.device)
+        self.student.to(self.device)
+        self.buffer = ReplayBuffer(config.replay_size, (channels, height, height), meta.num_classes, self.device)
+        self.step = 0
+        if config.noise_seed is not None:
+            self.noise_secret = int(config.noise_seed)
+        else:
+            self.noise_secret = int.from_bytes(secrets.token_bytes(16), "little")
+        self.key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit or "none")
+        self.bank = setup.teacher.bank().to(self.device)
+        self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge, self.noise_secret) \
+            if config.mechanism != "none" else _NonPrivateLabeller(self.bank, setup.mechanism)
+        self.queries = 0
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.last_accuracy: float | None = None
+
+    # -------------------------------------------------------- privacy bookkeeping
+
+    def _charge(self, step: int, event: PrivacyEvent, answer: NoisyAnswer) -> None:
+        self.ledger.charge(self.run_id, step, self.key, event, answer.to_bytes())
+        self.queries += event.count
+
+    def spent_epsilon(self) -> float:
+        if self.setup.unit is None:
+            return 0.0
+        return pld_epsilon(self.ledger.events(self.key, self.run_id), self.config.delta)
+
+    # -------------------------------------------------------- checkpoints
+
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / PRIVATE_DIR / CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "queries": self.queries,
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "noise_secret": str(self.noise_secret),
+            "teacher_forward_examples": self.bank.forward_examples,
+            "last_accuracy": self.last_accuracy,
+        }
+        payload = io.BytesIO()
+        torch.save(state, payload)
+        atomic_write_bytes(self.checkpoint_path(), payload.getvalue())
+        if self.ledger is not None:
+            # Answers up to this step are now inside the checkpoint's models and buffer.
+            self.ledger.prune_answers(self.run_id, self.step - 1)
+
+    def load_checkpoint(self) -> bool:
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.step = int(state["step"])
+        self.queries = int(state["queries"])
+        self.generator.load_state_dict(state["generator"])
+        self.student.load_state_dict(state["student"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.noise_secret = int(state["noise_secret"])
+        if isinstance(self.mechanism, LabelMechanism):
+            self.mechanism._secret = self.noise_secret
+        self.bank.forward_examples = int(state["teacher_forward_examples"])
+        self.last_accuracy = state["last_accuracy"]
+        self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep only complete metric lines up to `step`, dropping what an interrupted run wrote later."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_bytes(self.metrics_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    # -------------------------------------------------------- one iteration
+
+    def _answer(self, images: torch.Tensor, student_probs: torch.Tensor) -> NoisyAnswer:
+        if self.ledger is not None:
+            stored = self.ledger.stored_answer(self.run_id, self.step)
+            if stored is not None:
+                # Charged before an interruption: re-using the stored answer is free, asking again is not.
+                self.queries += images.shape[0]
+                return NoisyAnswer.from_bytes(stored, self.device)
+        answer = self.mechanism.annotate(images, student_probs, self.step)
+        if self.ledger is None:
+            self.queries += images.shape[0]  # not private: counted, not charged
+        return answer
+
+    def iterate(self) -> dict:
+        config = self.config
+        self.generator.train()
+        self.student.train()
+        z = self.generator.sample_latents(config.batch_size)
+        # One generator forward serves both the query and the first generator update.
+        generated = self.generator(z) if config.generator_steps else None
+        with torch.no_grad():
+            source = generated.detach() if generated is not None else self.generator(z)
+            pixels = (source * 255).round().to(torch.uint8)  # (B, C, H, W): the 8-bit images that are queried
+            images = pixels.float() / 255
+            student_probs = F.softmax(self.student(images), dim=1)
+        answer = self._answer(images, student_probs)
+        self.buffer.add(pixels, answer.targets)
+
+        student_loss = 0.0
+        for _ in range(config.student_steps):
+            batch_images, batch_targets = images, answer.targets
+            replayed = self.buffer.sample(config.replay_batch)
+            if replayed is not None:
+                batch_images = torch.cat([images, replayed[0]])
+                batch_targets = torch.cat([answer.targets, replayed[1]])
+            log_probs = F.log_softmax(self.student(batch_images), dim=1)
+            loss = -(batch_targets * log_probs).sum(dim=1).mean()
+            self.student_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.student_optimizer.step()
+            student_loss = loss.item()
+
+        generator_loss = 0.0
+        for repeat in range(config.generator_steps):
+            generated = generated if repeat == 0 else self.generator(z)
+            generator_loss = self._generator_update(generated, answer.targets)
+        return {"student_loss": student_loss, "generator_loss": generator_loss}
+
+    def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        """One generator step against the student only; the teacher is not reachable from here.
+
+        `images` is the generator's output with its graph, (B, C, H, W) in [0, 1].
+        """
+        config = self.config
+        for parameter in self.student.parameters():
+            parameter.requires_grad_(False)
+        try:
+            features = self.student.embed(images)
+            logits = self.student.fc2(features)
+            probs = F.softmax(logits, dim=1)
+            # DAFL terms (Chen et al. 2019): confident predictions, balanced classes, strong features.
+            onehot = F.cross_entropy(logits, logits.argmax(dim=1))
+            mean_probs = probs.mean(dim=0)
+            balance = (mean_probs * torch.log(mean_probs + 1e-8)).sum()  # negative entropy of the batch mean
+            activation = -features.abs().mean()
+            # Seek images where the updated student disagrees with the DP labels of the same
+            # latents; capped so the generator cannot win by producing noise.
+            disagreement = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+            adversarial = -disagreement.clamp(max=math.log(logits.shape[1])).mean()
+            loss = (config.onehot_weight * onehot + config.entropy_weight * balance
+                    + config.activation_weight * activation + config.adversarial_weight * adversarial)
+            self.generator_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.generator_optimizer.step()
+        finally:
+            for parameter in self.student.parameters():
+                parameter.requires_grad_(True)
+        return loss.item()
+
+    def evaluate(self) -> float | None:
+        if self.setup.eval_data is None:
+            return None
+        accuracy = evaluate_accuracy(self.student, self.setup.eval_data)
+        self.student.train()
+        self.last_accuracy = accuracy
+        return accuracy
+
+    def log_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class _NonPrivateLabeller:
+    """Teacher answers without noise or accounting, to measure the engine itself. Not private."""
+
+    def __init__(self, bank, config: MechanismConfig):
+        self.__bank = bank
+        self.config = config
+
+    @torch.no_grad()
+    def annotate(self, images: torch.Tensor, student_probs: torch.Tensor, step: int) -> NoisyAnswer:
+        probs = F.softmax(self.__bank(images)[0] / self.config.temperature, dim=1)
+        k = min(self.config.top_k, probs.shape[1])
+        classes = student_probs.topk(k, dim=1).indices
+        selected = probs.gather(1, classes)
+        weights = selected / selected.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        targets = torch.zeros_like(probs).scatter(1, classes, weights)
+        return NoisyAnswer(targets, classes, selected)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def transcribe(config: TranscribeConfig) -> TranscriptionResult:
+    """Run one transcription as configured; see the module docstring for the loop."""
+    from tqdm.auto import tqdm
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    setup = _prepare(config)
+    run_dir, run_id = _prepare_run_dir(config)
+    ledger = None
+    try:
+        if setup.unit is not None:
+            ledger = Ledger(config.ledger)
+            key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit)
+            already = ledger.charged_queries(run_id)
+            remaining = PrivacyEvent(setup.planned.kind, setup.planned.parameter, setup.planned.count - already)
+            total = ledger.check_budget(key, [remaining], config.delta, config.budget_epsilon)
+            if config.budget_epsilon is not None and ledger.budget(key) is None:
+                ledger.set_budget(key, config.budget_epsilon, config.delta)
+            ledger.register_run(run_id, key, setup.planned, config.epsilon, config.delta, str(run_dir.resolve()))
+            logger.info("privacy: unit=%s mechanism=%s planned queries=%d parameter=%.6g; after this run the %s "
+                        "will have spent epsilon %.4g at delta %g (ledger %s)", setup.unit, config.mechanism,
+                        setup.planned.count, setup.planned.parameter, key.scope.split(":")[0], total, config.delta,
+                        ledger.path)
+        else:
+            logger.warning("mechanism 'none': the teacher is queried without noise; the result is NOT private")
+
+        (run_dir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(run_dir)
+        sweep_stale_temporaries(run_dir / PRIVATE_DIR)
+        if not config.resume:
+            atomic_write_json(run_dir / PRIVATE_DIR / "run_config.json", {"run_id": run_id, "config": asdict(config)})
+        run = _Run(config, setup, run_dir, run_id, ledger)
+        if config.resume:
+            if run.load_checkpoint():
+                logger.info("resuming %s from iteration %d", run_dir, run.step)
+            else:
+                logger.info("resuming %s from the start: no checkpoint was written before the interruption", run_dir)
+                run._truncate_metrics(-1)
+        return _train(run, tqdm)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def _train(run: _Run, tqdm) -> TranscriptionResult:
+    config = run.config
+    started = time.time()
+    progress = tqdm(total=config.steps, initial=run.step, desc="transcribe", unit="it")
+    metrics: dict = {}
+    while run.step < config.steps:
+        if config.stop_after is not None and run.step >= config.stop_after:
+            progress.close()
+            logger.info("stopped after iteration %d as requested; continue with --resume", run.step)
+            return TranscriptionResult(run.run_dir, {}, completed=False)
+        metrics = run.iterate()
+        run.step += 1
+        record = {"step": run.step, "queries": run.queries, **metrics}
+        evaluate_now = config.eval_every and run.step % config.eval_every == 0
+        if evaluate_now or run.step == config.steps:
+            accuracy = run.evaluate()
+            record["epsilon_spent"] = run.spent_epsilon()
+            if accuracy is not None:
+                record["student_accuracy"] = accuracy
+            run.log_metrics(record)
+        if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+            run.save_checkpoint()
+        progress.update(1)
+        postfix = {"loss": f"{metrics['student_loss']:.3f}"}
+        if "epsilon_spent" in record:
+            postfix["eps"] = f"{record['epsilon_spent']:.3g}"
+        if run.last_accuracy is not None:
+            postfix["acc"] = f"{run.last_accuracy:.1f}%"
+        progress.set_postfix(postfix)
+    progress.close()
+    elapsed = time.time() - started
+    report = _finish(run, elapsed)
+    return TranscriptionResult(run.run_dir, report, completed=True)
+
+
+def _finish(run: _Run, elapsed: float) -> dict:
+    from .artifacts import grid_png, sample_per_class
+    from .report import build_report
+
+    config = run.config
+    for name, model in (("generator", run.generator), ("student", run.student)):
+        with atomic_directory(run.run_dir / name) as tmp:
+            model.eval()
+            model.save_pretrained(str(tmp))
+    rows, _ = sample_per_class(run.generator, run.student, len(run.class_names), per_class=10, seed=config.seed)
+    atomic_write_bytes(run.run_dir / "samples.png", grid_png(rows, run.class_names, per_class=10))
+    report = build_report(run, elapsed)
+    atomic_write_json(run.run_dir / PRIVATE_DIR / "ledger_key.json", {
+        "ledger": str(run.ledger.path) if run.ledger else None, "scope": run.key.scope,
+        "dataset_fingerprint": run.key.dataset_fingerprint, "teacher_fingerprint": run.key.teacher_fingerprint,
+        "run_id": run.run_id,
+    })
+    atomic_write_json(run.run_dir / REPORT_FILE, report)  # written last: marks the run complete
+    # The checkpoint holds the noise secret and is no longer needed.
+    run.checkpoint_path().unlink(missing_ok=True)
+    if run.ledger is not None:
+        run.ledger.drop_answers(run.run_id)
+    logger.info("run complete in %.0f s: %s", elapsed, run.run_dir)
+    return report
