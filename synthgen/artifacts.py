@@ -10,7 +10,7 @@ import torch
 
 @torch.no_grad()
 def sample_per_class(generator, student, num_classes: int, per_class: int, seed: int = 0,
-                     batch_size: int = 256, max_batches: int = 40) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                     batch_size: int = 256, max_batches: int = 16) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Draw images until each class (by the student's label) has `per_class` of them.
 
     Returns, per class, images (n, C, H, W) in [0, 1] and the student's confidences (n,);

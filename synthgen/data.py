@@ -138,7 +138,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(dims))
     if len(data) - offset != expected:
         raise DataError(f"{path} is truncated: header says {dims}, {len(data) - offset} bytes of data")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path | None:

@@ -88,6 +88,7 @@ def build_report(run, elapsed_seconds: float) -> dict:
         "planned_queries": config.steps * config.batch_size,
         "steps": run.step,
         "teacher_forward_examples": run.bank.forward_examples,
+        "replayed_examples": run.replayed_examples,
         "evaluation": {
             "student_accuracy": run.last_accuracy,
             "split": config.eval_split if config.eval_data else None,

@@ -168,7 +168,7 @@ def load_teacher(
     if kind == "synthgen":
         from .models import Classifier
 
-        module = Classifier.from_pretrained(str(path))
+        module = Classifier.from_pretrained(str(path), low_cpu_mem_usage=False)
         _check_weights_complete(module, path)
         loaded_meta = TeacherMeta.from_dict(json.loads((path / META_FILE).read_text()))
     else:
@@ -180,6 +180,21 @@ def load_teacher(
     if data is not None:
         check_teacher_fits(teacher, data)
     return teacher
+
+
+class _ExportedTeacher(nn.Module):
+    """Wraps a torch.export graph module, which rejects eval(); its mode is fixed at export."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.graph_module = graph_module
+
+    def train(self, mode: bool = True) -> "_ExportedTeacher":
+        self.training = mode
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(images)
 
 
 def _check_weights_complete(module: nn.Module, folder: Path) -> None:
@@ -210,7 +225,7 @@ def _load_foreign(path: Path, kind: str, factory: str | None, trust_pickle: bool
     if kind == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
     if kind == "torch.export":
-        return torch.export.load(str(path)).module()
+        return _ExportedTeacher(torch.export.load(str(path)).module())
     if not trust_pickle:
         raise TeacherError(
             f"{path} is a pickle checkpoint, and loading it can run any code it contains. Convert it to "

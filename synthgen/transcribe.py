@@ -239,6 +239,9 @@ class _Run:
         self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge, self.noise_secret) \
             if config.mechanism != "none" else _NonPrivateLabeller(self.bank, setup.mechanism)
         self.queries = 0
+        # Answers taken from the ledger after an interruption; the teacher saw those images in
+        # the interrupted process, so forward passes here plus these equal the charged queries.
+        self.replayed_examples = 0
         self.metrics_path = run_dir / "metrics.jsonl"
         self.last_accuracy: float | None = None
 
@@ -271,6 +274,7 @@ class _Run:
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "noise_secret": str(self.noise_secret),
             "teacher_forward_examples": self.bank.forward_examples,
+            "replayed_examples": self.replayed_examples,
             "last_accuracy": self.last_accuracy,
         }
         payload = io.BytesIO()
@@ -299,6 +303,7 @@ class _Run:
         if isinstance(self.mechanism, LabelMechanism):
             self.mechanism._secret = self.noise_secret
         self.bank.forward_examples = int(state["teacher_forward_examples"])
+        self.replayed_examples = int(state["replayed_examples"])
         self.last_accuracy = state["last_accuracy"]
         self._truncate_metrics(self.step)
         return True
@@ -325,6 +330,7 @@ class _Run:
             if stored is not None:
                 # Charged before an interruption: re-using the stored answer is free, asking again is not.
                 self.queries += images.shape[0]
+                self.replayed_examples += images.shape[0]
                 return NoisyAnswer.from_bytes(stored, self.device)
         answer = self.mechanism.annotate(images, student_probs, self.step)
         if self.ledger is None:
@@ -367,28 +373,11 @@ class _Run:
         return {"student_loss": student_loss, "generator_loss": generator_loss}
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        """One generator step against the student only; the teacher is not reachable from here.
-
-        `images` is the generator's output with its graph, (B, C, H, W) in [0, 1].
-        """
-        config = self.config
+        """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
         for parameter in self.student.parameters():
             parameter.requires_grad_(False)
         try:
-            features = self.student.embed(images)
-            logits = self.student.fc2(features)
-            probs = F.softmax(logits, dim=1)
-            # DAFL terms (Chen et al. 2019): confident predictions, balanced classes, strong features.
-            onehot = F.cross_entropy(logits, logits.argmax(dim=1))
-            mean_probs = probs.mean(dim=0)
-            balance = (mean_probs * torch.log(mean_probs + 1e-8)).sum()  # negative entropy of the batch mean
-            activation = -features.abs().mean()
-            # Seek images where the updated student disagrees with the DP labels of the same
-            # latents; capped so the generator cannot win by producing noise.
-            disagreement = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
-            adversarial = -disagreement.clamp(max=math.log(logits.shape[1])).mean()
-            loss = (config.onehot_weight * onehot + config.entropy_weight * balance
-                    + config.activation_weight * activation + config.adversarial_weight * adversarial)
+            loss = self.generator_loss(images, targets)
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.generator_optimizer.step()
@@ -396,6 +385,27 @@ class _Run:
             for parameter in self.student.parameters():
                 parameter.requires_grad_(True)
         return loss.item()
+
+    def generator_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The generator's loss, computed on the student alone: the teacher is not reachable from here.
+
+        `targets` are the DP labels of the same latents, (B, classes).
+        """
+        config = self.config
+        features = self.student.embed(images)
+        logits = self.student.fc2(features)
+        probs = F.softmax(logits, dim=1)
+        # DAFL terms (Chen et al. 2019): confident predictions, balanced classes, strong features.
+        onehot = F.cross_entropy(logits, logits.argmax(dim=1))
+        mean_probs = probs.mean(dim=0)
+        balance = (mean_probs * torch.log(mean_probs + 1e-8)).sum()  # negative entropy of the batch mean
+        activation = -features.abs().mean()
+        # Seek images where the updated student disagrees with the DP labels of the same
+        # latents; capped so the generator cannot win by producing noise.
+        disagreement = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+        adversarial = -disagreement.clamp(max=math.log(logits.shape[1])).mean()
+        return (config.onehot_weight * onehot + config.entropy_weight * balance
+                + config.activation_weight * activation + config.adversarial_weight * adversarial)
 
     def evaluate(self) -> float | None:
         if self.setup.eval_data is None:

@@ -155,10 +155,30 @@ def randomized_response_epsilon(eps0: float, count: int, delta: float) -> float:
     return high
 
 
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """Return the exact epsilon at `delta` of one Gaussian query with sensitivity 1 and std `noise_multiplier`.
+
+    Uses the closed-form delta(epsilon) of dp_accounting's GaussianPrivacyLoss (the privacy-loss
+    distribution without discretisation), inverted by bisection to a relative 1e-9.
+    """
+    from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+
+    loss = GaussianPrivacyLoss(standard_deviation=noise_multiplier, sensitivity=1.0)
+    if loss.get_delta_for_epsilon(0.0) <= delta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while loss.get_delta_for_epsilon(high) > delta:
+        low, high = high, high * 2
+    while high - low > 1e-9 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if loss.get_delta_for_epsilon(mid) <= delta else (mid, high)
+    return high
+
+
 def pld_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
     """Return epsilon at `delta` of the composition of `events` (privacy-loss distributions).
 
-    Gaussian queries alone use dp_accounting's PLD of the equivalent single Gaussian;
+    Gaussian queries alone use the exact PLD of the equivalent single Gaussian;
     randomized response alone uses the exact binomial PLD. A ledger that mixes both is composed
     with dp_accounting's pessimistic PLD on a 1e-4 grid, and for several eps0 values the
     homogeneous bound at the largest eps0 is also valid; the smaller valid bound is returned.
@@ -169,7 +189,7 @@ def pld_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
     gaussian = effective_gaussian_multiplier(merged)
     responses = [e for e in merged if e.kind == RANDOMIZED_RESPONSE]
     if not responses:
-        return float(max(_gaussian_pld(gaussian).get_epsilon_for_delta(delta), 0.0))
+        return gaussian_epsilon(gaussian, delta)
     if gaussian is None and len(responses) == 1:
         return randomized_response_epsilon(responses[0].parameter, responses[0].count, delta)
     total = None if gaussian is None else _gaussian_pld(gaussian)
