@@ -49,7 +49,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _cmd_train_teacher(args) -> int:
     from .data import load_image_data
-    from .teacher import train_teacher
+    from .teacher import train_teacher, train_teacher_dp
 
     config = _collect(args, TeacherTrainConfig)
     if not config.data:
@@ -58,9 +58,12 @@ def _cmd_train_teacher(args) -> int:
     if config.limit:
         train = train.subset(config.limit, seed=config.seed)
     test = load_image_data(config.data, config.eval_split) if config.eval_split else None
-    teacher = train_teacher(config, train, test)
-    print(json.dumps({"teacher": config.out, "test_accuracy": teacher.meta.test_accuracy,
-                      "note": "accuracy on the real test split (evaluation on private data)"}, indent=2))
+    teacher = (train_teacher_dp if config.dp else train_teacher)(config, train, test)
+    summary = {"teacher": config.out, "test_accuracy": teacher.meta.test_accuracy,
+               "note": "accuracy on the real test split (evaluation on private data)"}
+    if teacher.meta.dp:
+        summary.update({"unit": "example", "epsilon": teacher.meta.dp["epsilon"], "delta": teacher.meta.dp["delta"]})
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -31,7 +31,8 @@ class TranscribeConfig:
     eval_split: str = option("test", "split of --eval-data to evaluate on")
 
     mechanism: str = option("gaussian", "DP labelling: 'gaussian' (data-sensitive), 'noisy-label' (label-sensitive, "
-                            "randomized response with the student prior) or 'none' (no noise: NOT private)")
+                            "randomized response with the student prior), 'dp-teacher' (the teacher was trained with "
+                            "DP-SGD: no noise, no per-query cost) or 'none' (no noise: NOT private)")
     epsilon: float = option(10.0, "target epsilon of the whole transcription, at --delta, for the privacy unit")
     delta: float = option(1e-5, "target delta; must be below 1/n for n private training examples")
     budget_epsilon: float | None = option(None, "cap on the total epsilon spent on this teacher (teacher-level) or dataset "
@@ -115,3 +116,13 @@ class TeacherTrainConfig:
     seed: int = option(0, "seed of initialisation and data order")
     eval_split: str | None = option("test", "split to report test accuracy on (evaluation on private data); empty to skip")
     limit: int | None = option(None, "train on a random subset of this many examples (quick runs and tests)")
+    dp: bool = option(False, "train with DP-SGD (Opacus): the teacher and everything transcribed from it are then "
+                      "example-level (epsilon, delta)-DP")
+    epsilon: float = option(1.0, "DP-SGD: target epsilon (replace-one, PLD accountant), at --delta")
+    delta: float = option(1e-5, "DP-SGD: target delta; must be below 1/n")
+    max_grad_norm: float = option(1.0, "DP-SGD: per-example gradient clipping norm C")
+    physical_batch_size: int = option(256, "DP-SGD: examples per forward pass (memory); --batch-size is the expected "
+                                      "logical batch of Poisson sampling")
+    ema_decay: float = option(0.999, "DP-SGD: decay of the exponential moving average of the weights kept as the "
+                              "teacher (free post-processing); 0 disables")
+    ledger: str | None = option(None, "DP-SGD: privacy ledger (DuckDB file) that records the spend before training")

@@ -26,6 +26,8 @@ def mechanism_facts(run) -> dict:
     mechanism = run.setup.mechanism
     facts = {"name": config.mechanism, "num_teachers": run.bank.num_teachers, "top_k": mechanism.top_k,
              "temperature": mechanism.temperature, "neighbouring_relation": "replace-one"}
+    if config.mechanism == "dp-teacher":
+        facts["description"] = "the DP-SGD teacher's probabilities on the student's top-k classes, without noise"
     if config.mechanism == "gaussian":
         sensitivity = 2.0 * mechanism.clip_norm / run.bank.num_teachers
         facts.update({
@@ -51,14 +53,25 @@ def build_report(run, elapsed_seconds: float) -> dict:
 
     config = run.config
     private = run.setup.unit is not None
-    events = run.ledger.events(run.key, run.run_id) if private else []
+    dp_teacher = run.setup.teacher_dp
+    events = run.ledger.events(run.key, run.run_id) if run.ledger is not None else []
     report: dict = {
         "format": REPORT_FORMAT,
         "private": private,
         "unit": run.setup.unit,
         "unit_description": UNIT_DESCRIPTIONS.get(run.setup.unit, "none: the teacher was queried without noise"),
     }
-    if private:
+    if dp_teacher is not None:
+        report.update({
+            "epsilon": dp_teacher["epsilon"],
+            "delta": dp_teacher["delta"],
+            "accountant": dp_teacher.get("accountant"),
+            "rdp_epsilon": None,
+            "events": dp_teacher.get("events", []),
+            "teacher_dp": {k: v for k, v in dp_teacher.items() if k not in ("ledger_run_id",)},
+            "transcription_cost": "none: the teacher is DP, and the student and generator are post-processing of it",
+        })
+    elif private:
         report.update({
             "epsilon": pld_epsilon(events, config.delta),
             "delta": config.delta,

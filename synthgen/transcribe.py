@@ -68,6 +68,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+MECHANISMS = ("gaussian", "noisy-label", "dp-teacher", "none")
+
+
 class TranscriptionError(ValueError):
     """Raised for settings or inputs that cannot start a transcription."""
 
@@ -83,9 +86,9 @@ class TranscriptionResult:
 
 
 def _check_settings(config: TranscribeConfig) -> None:
-    if config.mechanism not in ("gaussian", "noisy-label", "none"):
-        raise TranscriptionError(f"mechanism must be 'gaussian', 'noisy-label' or 'none', got {config.mechanism!r}")
-    if config.mechanism != "none":
+    if config.mechanism not in MECHANISMS:
+        raise TranscriptionError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {config.mechanism!r}")
+    if config.mechanism in ("gaussian", "noisy-label"):
         try:
             validate_epsilon(config.epsilon)
             validate_delta(config.delta)
@@ -119,6 +122,7 @@ class _Setup:
     unit: str | None
     mechanism: MechanismConfig
     planned: PrivacyEvent | None
+    teacher_dp: dict | None = None  # DP-SGD facts of a DP teacher (dp-teacher mode)
 
 
 def _prepare(config: TranscribeConfig) -> _Setup:
@@ -157,11 +161,16 @@ def _prepare(config: TranscribeConfig) -> _Setup:
         raise TranscriptionError(f"top_k must be <= the number of classes ({meta.num_classes}), got {config.top_k}")
 
     planned_queries = config.steps * config.batch_size
-    mechanism = MechanismConfig(mode=config.mechanism, top_k=config.top_k, clip_norm=config.clip_norm,
+    mode = config.mechanism if config.mechanism in ("gaussian", "noisy-label") else "none"
+    mechanism = MechanismConfig(mode=mode, top_k=config.top_k, clip_norm=config.clip_norm,
                                 temperature=config.temperature)
     planned = None
     unit = None
-    if config.mechanism != "none":
+    teacher_dp = None
+    if config.mechanism == "dp-teacher":
+        teacher_dp = _check_dp_teacher(config, teacher)
+        unit = teacher_dp["unit"]
+    elif config.mechanism != "none":
         try:
             validate_delta(config.delta, num_examples)
         except ValueError as error:
@@ -175,7 +184,42 @@ def _prepare(config: TranscribeConfig) -> _Setup:
         else:
             mechanism.eps0 = calibrate_randomized_response(float(config.epsilon), float(config.delta), planned_queries)
             planned = PrivacyEvent("randomized_response", mechanism.eps0, planned_queries)
-    return _Setup(teacher, fingerprint, num_examples, eval_data, unit, mechanism, planned)
+    return _Setup(teacher, fingerprint, num_examples, eval_data, unit, mechanism, planned, teacher_dp)
+
+
+def _check_dp_teacher(config: TranscribeConfig, teacher: LoadedTeacher) -> dict:
+    """Return the DP-SGD facts of a DP teacher, after checking where they come from.
+
+    A teacher trained by synthgen is checked against the ledger entry written before its
+    training. Facts from --teacher-meta are the user's statement and are reported as such.
+    """
+    dp = teacher.meta.dp
+    if not dp:
+        raise TranscriptionError(
+            f"mechanism 'dp-teacher' needs a teacher trained with DP-SGD, but {config.teacher} records no DP "
+            "training; train one with 'synthgen train-teacher --dp' or use --mechanism gaussian or noisy-label"
+        )
+    dp = dict(dp)
+    for name in ("epsilon", "delta", "unit"):
+        if name not in dp:
+            raise TranscriptionError(f"the teacher's DP record lacks {name!r}; it cannot back a guarantee")
+    if config.teacher_meta or dp.get("source") != "synthgen":
+        dp["source"] = "user statement"
+        dp["verification"] = "not verified by synthgen: the user states that the teacher was trained with DP"
+        return dp
+    from .privacy.accounting import PrivacyEvent
+
+    recorded = [PrivacyEvent(**event) for event in dp.get("events", [])]
+    with Ledger(config.ledger) as ledger:
+        key = LedgerKey(teacher.meta.dataset_fingerprint, f"dp-sgd:{dp.get('ledger_run_id')}", "example")
+        charged = ledger.events(key, run_id=dp.get("ledger_run_id"))
+    if recorded and charged == recorded:
+        dp["verification"] = "matches the spend recorded in the privacy ledger before training"
+    else:
+        dp["verification"] = "not found in this privacy ledger; the teacher's metadata is the only record"
+        logger.warning("the DP training of %s is not in the ledger %s; reporting its metadata unverified",
+                       config.teacher, config.ledger or "(default)")
+    return dp
 
 
 def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
@@ -236,8 +280,10 @@ class _Run:
             self.noise_secret = int.from_bytes(secrets.token_bytes(16), "little")
         self.key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit or "none")
         self.bank = setup.teacher.bank().to(self.device)
-        self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge, self.noise_secret) \
-            if config.mechanism != "none" else _NonPrivateLabeller(self.bank, setup.mechanism)
+        if config.mechanism in ("gaussian", "noisy-label"):
+            self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge, self.noise_secret)
+        else:
+            self.mechanism = _DirectLabeller(self.bank, setup.mechanism)
         self.queries = 0
         # Answers taken from the ledger after an interruption; the teacher saw those images in
         # the interrupted process, so forward passes here plus these equal the charged queries.
@@ -252,6 +298,8 @@ class _Run:
         self.queries += event.count
 
     def spent_epsilon(self) -> float:
+        if self.setup.teacher_dp is not None:
+            return float(self.setup.teacher_dp["epsilon"])
         if self.setup.unit is None:
             return 0.0
         return pld_epsilon(self.ledger.events(self.key, self.run_id), self.config.delta)
@@ -420,8 +468,12 @@ class _Run:
             handle.write(json.dumps(record) + "\n")
 
 
-class _NonPrivateLabeller:
-    """Teacher answers without noise or accounting, to measure the engine itself. Not private."""
+class _DirectLabeller:
+    """Teacher answers without noise or per-query accounting.
+
+    Used for a DP teacher, whose every output is already DP (post-processing), and for the
+    non-private mode that measures the engine itself.
+    """
 
     def __init__(self, bank, config: MechanismConfig):
         self.__bank = bank
@@ -451,7 +503,7 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
     run_dir, run_id = _prepare_run_dir(config)
     ledger = None
     try:
-        if setup.unit is not None:
+        if setup.planned is not None:
             ledger = Ledger(config.ledger)
             key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit)
             already = ledger.charged_queries(run_id)
@@ -464,6 +516,10 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
                         "will have spent epsilon %.4g at delta %g (ledger %s)", setup.unit, config.mechanism,
                         setup.planned.count, setup.planned.parameter, key.scope.split(":")[0], total, config.delta,
                         ledger.path)
+        elif config.mechanism == "dp-teacher":
+            logger.info("privacy: the teacher is (%.4g, %g)-DP at the %s level (DP-SGD); transcription is "
+                        "post-processing and adds no privacy cost", setup.teacher_dp["epsilon"],
+                        setup.teacher_dp["delta"], setup.unit)
         else:
             logger.warning("mechanism 'none': the teacher is queried without noise; the result is NOT private")
 

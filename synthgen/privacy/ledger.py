@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS spends (
     unit VARCHAR NOT NULL,
     kind VARCHAR NOT NULL,
     parameter DOUBLE NOT NULL,
+    sampling_rate DOUBLE,
     queries BIGINT NOT NULL,
     recorded_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (run_id, step)
@@ -123,9 +124,11 @@ class Ledger:
             where += " AND run_id = ?"
             params.append(run_id)
         rows = self._db.execute(
-            f"SELECT kind, parameter, SUM(queries) FROM spends WHERE {where} GROUP BY kind, parameter", params
+            f"SELECT kind, parameter, sampling_rate, SUM(queries) FROM spends WHERE {where} "
+            "GROUP BY kind, parameter, sampling_rate ORDER BY ALL", params
         ).fetchall()
-        return [PrivacyEvent(kind, float(parameter), int(count)) for kind, parameter, count in rows]
+        return [PrivacyEvent(kind, float(parameter), int(count), None if rate is None else float(rate))
+                for kind, parameter, rate, count in rows]
 
     def spent_epsilon(self, key: LedgerKey, delta: float) -> float:
         return pld_epsilon(self.events(key), delta)
@@ -184,9 +187,9 @@ class Ledger:
         self._db.execute("BEGIN TRANSACTION")
         try:
             self._db.execute(
-                "INSERT INTO spends VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO spends VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, step, key.dataset_fingerprint, key.teacher_fingerprint, key.unit, event.kind,
-                 event.parameter, event.count, now],
+                 event.parameter, event.sampling_rate, event.count, now],
             )
             self._db.execute("INSERT INTO answers VALUES (?, ?, ?)", [run_id, step, payload])
             self._db.execute("COMMIT")
