@@ -1,0 +1,140 @@
+"""Measure the transcription engine on real MNIST and record the numbers.
+
+Cases (each writes records to benchmarks/results/transcribe.json):
+
+- teacher: a non-private teacher on all 60,000 training images (teacher_accuracy, seconds);
+- none: the engine with the noise switched off (non-private data-free distillation), which
+  shows the engine works before noise is added;
+- teacher-level: one non-private teacher, epsilon 1 and 10 at the teacher level, with the
+  gaussian and noisy-label mechanisms;
+- dp-teacher: a DP-SGD teacher at example-level epsilon 1 and 10 (it is also the DP-SGD
+  baseline at the same epsilon), then transcription as free post-processing.
+
+Usage: python scripts/benchmark_transcribe.py [--cases none,teacher-level] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import record, write_records  # noqa: E402
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+logger = logging.getLogger("benchmark")
+
+
+def run_teacher(args, data: str, records: list) -> Path:
+    from synthgen.config import TeacherTrainConfig
+    from synthgen.data import load_image_data
+    from synthgen.teacher import train_teacher
+
+    out = Path(args.out) / "teacher"
+    if not (out / "synthgen_teacher.json").is_file():
+        started = time.time()
+        config = TeacherTrainConfig(data=data, out=str(out), epochs=1 if args.quick else 3, seed=args.seed)
+        teacher = train_teacher(config, load_image_data(data, "train"), load_image_data(data, "test"))
+        seconds = time.time() - started
+        records.append(record("transcribe", "teacher_accuracy", teacher.meta.test_accuracy, seeds=1,
+                              method="synthgen-teacher", note="non-private teacher, all 60,000 training images"))
+        records.append(record("transcribe", "teacher_seconds", round(seconds, 1), method="synthgen-teacher"))
+    return out
+
+
+def run_dp_teacher(args, data: str, epsilon: float, records: list) -> Path:
+    from synthgen.config import TeacherTrainConfig
+    from synthgen.data import load_image_data
+    from synthgen.teacher import train_teacher_dp
+
+    out = Path(args.out) / f"dp-teacher-eps{epsilon:g}"
+    if not (out / "synthgen_teacher.json").is_file():
+        started = time.time()
+        config = TeacherTrainConfig(data=data, out=str(out), dp=True, epsilon=epsilon, delta=1e-5,
+                                    epochs=1 if args.quick else args.dp_epochs, batch_size=512, lr=2e-3, width=16,
+                                    hidden=64, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"))
+        teacher = train_teacher_dp(config, load_image_data(data, "train"), load_image_data(data, "test"))
+        seconds = time.time() - started
+        common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1)
+        records.append(record("transcribe", "teacher_accuracy", teacher.meta.test_accuracy, method="opacus-dp-sgd",
+                              **common, note="DP-SGD teacher (GroupNorm CNN, EMA); it is also the DP-SGD baseline"))
+        records.append(record("transcribe", "teacher_seconds", round(seconds, 1), method="opacus-dp-sgd", **common))
+    return out
+
+
+def run_transcription(args, teacher: Path, data: str, name: str, records: list, **settings) -> dict:
+    from synthgen.config import TranscribeConfig
+    from synthgen.transcribe import transcribe
+
+    out = Path(args.out) / name
+    report_path = out / "privacy_report.json"
+    if report_path.is_file():
+        return json.loads(report_path.read_text())
+    config = TranscribeConfig(teacher=str(teacher), out=str(out), eval_data=data, seed=args.seed,
+                              ledger=str(Path(args.out) / "ledger.duckdb"), eval_every=100, **settings)
+    started = time.time()
+    report = transcribe(config).report
+    seconds = time.time() - started
+    common = dict(unit=report["unit"], mechanism=settings.get("mechanism"), epsilon=report.get("epsilon"),
+                  delta=report.get("delta"), seeds=1)
+    if settings.get("mechanism") == "dp-teacher":
+        common["mechanism"] = "dp-teacher"
+    records.append(record("transcribe", "student_accuracy", report["evaluation"]["student_accuracy"], **common,
+                          steps=report["steps"], queries=report["queries"],
+                          note="full real test split (evaluation on private data)"))
+    records.append(record("transcribe", "transcribe_seconds", round(seconds, 1), **common, steps=report["steps"],
+                          queries=report["queries"]))
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="teacher,none,teacher-level,dp-teacher")
+    parser.add_argument("--quick", action="store_true", help="a smoke run in a few minutes; not for the record")
+    parser.add_argument("--out", default="runs/benchmark-transcribe")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epsilons", default="1,10")
+    parser.add_argument("--none-steps", type=int, default=800)
+    parser.add_argument("--private-steps", type=int, default=200)
+    parser.add_argument("--dp-steps", type=int, default=600)
+    parser.add_argument("--dp-epochs", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from synthgen.data import locate_dataset
+
+    data = str(locate_dataset("mnist"))
+    cases = args.cases.split(",")
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    scale = 10 if args.quick else 1
+    records: list[dict] = []
+    name = "transcribe-quick" if args.quick else "transcribe"
+    try:
+        if "teacher" in cases or "none" in cases or "teacher-level" in cases:
+            teacher = run_teacher(args, data, records)
+        if "none" in cases:
+            run_transcription(args, teacher, data, "none", records, mechanism="none", steps=args.none_steps // scale)
+        if "teacher-level" in cases:
+            for mechanism in ("gaussian", "noisy-label"):
+                for epsilon in epsilons:
+                    run_transcription(args, teacher, data, f"teacher-{mechanism}-eps{epsilon:g}", records,
+                                      mechanism=mechanism, epsilon=epsilon, delta=1e-5,
+                                      steps=args.private_steps // scale)
+        if "dp-teacher" in cases:
+            for epsilon in epsilons:
+                dp_teacher = run_dp_teacher(args, data, epsilon, records)
+                run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}", records,
+                                  mechanism="dp-teacher", steps=args.dp_steps // scale)
+    finally:
+        if records:
+            path = write_records(name, records)
+            logger.info("wrote %d records to %s", len(records), path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
