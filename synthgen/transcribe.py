@@ -184,6 +184,14 @@ def _prepare(config: TranscribeConfig) -> _Setup:
         else:
             mechanism.eps0 = calibrate_randomized_response(float(config.epsilon), float(config.delta), planned_queries)
             planned = PrivacyEvent("randomized_response", mechanism.eps0, planned_queries)
+        # Cross-check: RDP is a looser bound than PLD, so an RDP epsilon below the PLD epsilon
+        # means one of the two computations is wrong, and no run should start on it.
+        pld_value = pld_epsilon([planned], config.delta)
+        rdp_value = rdp_epsilon([planned], config.delta)
+        if rdp_value < pld_value * (1 - 1e-6):
+            raise RuntimeError(f"accountant cross-check failed: RDP epsilon {rdp_value} < PLD epsilon {pld_value}")
+        logger.info("calibrated for %d queries: epsilon %.4g (PLD), %.4g (RDP) at delta %g",
+                    planned_queries, pld_value, rdp_value, config.delta)
     return _Setup(teacher, fingerprint, num_examples, eval_data, unit, mechanism, planned, teacher_dp)
 
 
