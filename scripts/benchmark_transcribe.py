@@ -94,7 +94,8 @@ def run_transcription(args, teacher: Path, data: str, name: str, records: list, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="teacher,none,teacher-level,dp-teacher")
+    parser.add_argument("--cases", default="teacher,none,dp-teacher,teacher-level",
+                        help="comma-separated cases, run in this order")
     parser.add_argument("--quick", action="store_true", help="a smoke run in a few minutes; not for the record")
     parser.add_argument("--out", default="runs/benchmark-transcribe")
     parser.add_argument("--seed", type=int, default=0)
@@ -114,21 +115,26 @@ def main() -> int:
     records: list[dict] = []
     name = "transcribe-quick" if args.quick else "transcribe"
     try:
-        if "teacher" in cases or "none" in cases or "teacher-level" in cases:
-            teacher = run_teacher(args, data, records)
-        if "none" in cases:
-            run_transcription(args, teacher, data, "none", records, mechanism="none", steps=args.none_steps // scale)
-        if "teacher-level" in cases:
-            for mechanism in ("gaussian", "noisy-label"):
+        teacher = None
+        for case in cases:
+            if case in ("teacher", "none", "teacher-level") and teacher is None:
+                teacher = run_teacher(args, data, records)
+            if case == "none":
+                run_transcription(args, teacher, data, "none", records, mechanism="none",
+                                  steps=args.none_steps // scale)
+            elif case == "teacher-level":
+                for mechanism in ("gaussian", "noisy-label"):
+                    for epsilon in epsilons:
+                        run_transcription(args, teacher, data, f"teacher-{mechanism}-eps{epsilon:g}", records,
+                                          mechanism=mechanism, epsilon=epsilon, delta=1e-5,
+                                          steps=args.private_steps // scale)
+            elif case == "dp-teacher":
                 for epsilon in epsilons:
-                    run_transcription(args, teacher, data, f"teacher-{mechanism}-eps{epsilon:g}", records,
-                                      mechanism=mechanism, epsilon=epsilon, delta=1e-5,
-                                      steps=args.private_steps // scale)
-        if "dp-teacher" in cases:
-            for epsilon in epsilons:
-                dp_teacher = run_dp_teacher(args, data, epsilon, records)
-                run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}", records,
-                                  mechanism="dp-teacher", steps=args.dp_steps // scale)
+                    dp_teacher = run_dp_teacher(args, data, epsilon, records)
+                    run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}", records,
+                                      mechanism="dp-teacher", steps=args.dp_steps // scale)
+            elif case != "teacher":
+                raise SystemExit(f"unknown case {case!r}; expected teacher, none, teacher-level or dp-teacher")
     finally:
         if records:
             path = write_records(name, records)

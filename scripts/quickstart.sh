@@ -17,7 +17,7 @@ export SYNTHGEN_LEDGER="${SYNTHGEN_LEDGER:-$OUT/ledger.duckdb}"
 DATA="$("$VENV/bin/python" -c "from synthgen.data import locate_dataset; print(locate_dataset('mnist'))")"
 echo "MNIST: $DATA"
 if [ -e "$OUT/student" ] || [ -e "$OUT/teacher" ]; then
-    echo "$OUT already holds a quickstart run; remove it or set QUICKSTART_OUT to another folder" >&2
+    echo "$OUT already contains a quickstart run; remove it or set QUICKSTART_OUT to another folder" >&2
     exit 2
 fi
 mkdir -p "$OUT"

@@ -213,7 +213,7 @@ def _check_weights_complete(module: nn.Module, folder: Path) -> None:
 def _load_foreign(path: Path, kind: str, factory: str | None, trust_pickle: bool) -> nn.Module:
     if kind == "safetensors":
         if factory is None:
-            raise TeacherError(f"{path} holds only weights: pass --teacher-factory package.module:function to build the model")
+            raise TeacherError(f"{path} contains only weights: pass --teacher-factory package.module:function to build the model")
         from safetensors.torch import load_file
 
         module = _import_factory(factory)()
@@ -240,7 +240,7 @@ def _load_foreign(path: Path, kind: str, factory: str | None, trust_pickle: bool
         module = _import_factory(factory)()
         module.load_state_dict(obj, strict=True)
         return module
-    raise TeacherError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module; pass --teacher-factory for a state dict")
+    raise TeacherError(f"{path} contains a {type(obj).__name__}, not a torch.nn.Module; pass --teacher-factory for a state dict")
 
 
 def _foreign_meta(meta, data: ImageData | None, kind: str) -> TeacherMeta:

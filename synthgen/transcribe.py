@@ -235,10 +235,10 @@ def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
     run_dir = Path(config.out)
     run_config = run_dir / PRIVATE_DIR / "run_config.json"
     if (run_dir / REPORT_FILE).exists():
-        raise TranscriptionError(f"{run_dir} already holds a finished run; choose another --out")
+        raise TranscriptionError(f"{run_dir} already contains a finished run; choose another --out")
     if config.resume:
         if not run_config.is_file():
-            raise TranscriptionError(f"--resume given but {run_dir} holds no interrupted run; drop --resume to start one")
+            raise TranscriptionError(f"--resume given but {run_dir} contains no interrupted run; drop --resume to start one")
         saved = json.loads(run_config.read_text())
         changed = [name for name in _FROZEN_SETTINGS if saved["config"].get(name) != getattr(config, name)]
         if changed:
@@ -248,7 +248,7 @@ def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
         return run_dir, saved["run_id"]
     if run_dir.exists() and any(run_dir.iterdir()):
         if run_config.is_file():
-            raise TranscriptionError(f"{run_dir} holds an interrupted run: pass --resume to continue it, or choose another --out")
+            raise TranscriptionError(f"{run_dir} contains an interrupted run: pass --resume to continue it, or choose another --out")
         raise TranscriptionError(f"{run_dir} exists and is not empty; choose another --out")
     return run_dir, uuid.uuid4().hex
 
@@ -443,7 +443,7 @@ class _Run:
         return loss.item()
 
     def generator_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The generator's loss, computed on the student alone: the teacher is not reachable from here.
+        """Compute the generator loss on the student alone; the teacher is not reachable from here.
 
         `targets` are the DP labels of the same latents, (B, classes).
         """
@@ -602,7 +602,7 @@ def _finish(run: _Run, elapsed: float) -> dict:
         "run_id": run.run_id,
     })
     atomic_write_json(run.run_dir / REPORT_FILE, report)  # written last: marks the run complete
-    # The checkpoint holds the noise secret and is no longer needed.
+    # The checkpoint contains the noise secret and is no longer needed.
     run.checkpoint_path().unlink(missing_ok=True)
     if run.ledger is not None:
         run.ledger.drop_answers(run.run_id)

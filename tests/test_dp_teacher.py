@@ -34,7 +34,8 @@ def test_dp_teacher_meets_target_epsilon(dp_teacher):
     assert events[0].kind == POISSON_GAUSSIAN
     assert dp["epsilon"] == pytest.approx(pld_epsilon(events, 1e-5))
     assert 7.9 <= dp["epsilon"] <= 8.0
-    assert dp["unit"] == "example" and dp["neighbouring_relation"] == "replace-one"
+    assert dp["unit"] == "example"
+    assert dp["neighbouring_relation"] == "replace-one"
     # Add/remove-one is the weaker relation: its epsilon is smaller, and RDP is not below PLD.
     assert dp["add_remove_epsilon"]["pld"] < dp["epsilon"]
     assert dp["add_remove_epsilon"]["rdp"] >= dp["add_remove_epsilon"]["pld"]
