@@ -416,6 +416,8 @@ def train_teacher_dp(config: TeacherTrainConfig, train: ImageData, test: ImageDa
         )
     ema = {name: p.detach().clone() for name, p in model.state_dict().items()}
     ema_steps = 0
+    # Opacus's hooks warn on every step that the input needs no gradient, which is expected here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     progress = tqdm(total=steps, desc="dp-sgd teacher", unit="step")
     for epoch in range(config.epochs):
         private_model.train()
