@@ -105,7 +105,8 @@ def fingerprint_state(state: dict[str, torch.Tensor]) -> str:
             continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 

@@ -100,9 +100,6 @@ def batchnorm_teacher(counted_private_data, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="synthgen/teacher.py fingerprint_state views every tensor as uint8, which fails for "
-                          "BatchNorm's 0-dim num_batches_tracked buffer")
 def test_batchnorm_teacher_with_batch_counter_loads(counted_private_data, tmp_path):
     save_file(build_counting_batchnorm_teacher().state_dict(), str(tmp_path / "teacher.safetensors"))
     teacher = load_teacher(tmp_path / "teacher.safetensors", factory="tests.test_invariants:build_counting_batchnorm_teacher",
