@@ -706,6 +706,79 @@ def test_concurrent_transcriptions_one_ledger(request, caplog, capsys, small_tea
     assert charged_queries() == 24 * 16
 
 
+# ---------------------------------------------------------------- the audit
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_teacher, mnist_small, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("finished")
+    transcribe(small_config(small_teacher, folder / "run", mnist_small, ledger=str(folder / "ledger.duckdb")))
+    return folder / "run"
+
+
+def audit_args(run: Path, data: Path, *extra) -> list[str]:
+    return ["audit", str(run), "--private-data", str(data), "--audit-size", "50", "--shadow-models", "2",
+            "--shadow-epochs", "1", "--synthetic-samples", "50", "--bootstrap", "10", *extra]
+
+
+@case("CLI", "`audit` of a run folder without a privacy report (unfinished)",
+      "{run} contains no privacy_report.json: audit a finished run (one that 'synthgen transcribe' completed)",
+      "exit 2")
+def test_audit_unfinished_run(request, caplog, capsys, small_teacher, mnist_small, workspace):
+    run = workspace / "run"
+    assert cli(transcribe_args(small_teacher, run, "--stop-after", "2"), caplog, capsys)[0] == 0
+    fails_cli(request, caplog, capsys, workspace, audit_args(run, mnist_small), 2, run=run)
+
+
+@case("CLI", "`audit` of a run folder written by a newer synthgen (report format 2)",
+      "{report} has format 'synthgen-privacy-report/2', but this synthgen reads synthgen-privacy-report/1; "
+      "upgrade synthgen to audit this run", "exit 2")
+def test_audit_newer_report_format(request, caplog, capsys, finished_run, mnist_small, workspace):
+    import shutil
+
+    run = workspace / "run"
+    shutil.copytree(finished_run, run)
+    report = run / "privacy_report.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "format": "synthgen-privacy-report/2"}))
+    fails_cli(request, caplog, capsys, workspace, audit_args(run, mnist_small), 2, report=report)
+
+
+@case("CLI", "`audit --private-data` that is not the teacher's training data",
+      "--private-data {data} is not the data the run's teacher was trained on (fingerprints differ); pass the "
+      "teacher's own training data, or the membership labels of the audit would be wrong", "exit 2")
+def test_audit_wrong_private_data(request, caplog, capsys, finished_run, mnist_small, workspace):
+    import shutil
+
+    from synthgen.data import load_image_data
+
+    run = workspace / "run"
+    shutil.copytree(finished_run, run)
+    train = load_image_data(mnist_small, "train")
+    data = write_idx_split(workspace / "other", train.images[1:, 0], train.labels[1:])
+    fails_cli(request, caplog, capsys, workspace, audit_args(run, data), 2, data=data)
+
+
+@case("CLI", "`audit --audit-size` larger than the private data",
+      "audit_size 5000 is larger than the private training data or the held-out split; pass a smaller --audit-size",
+      "exit 2")
+def test_audit_size_too_large(request, caplog, capsys, finished_run, mnist_small, workspace):
+    import shutil
+
+    run = workspace / "run"
+    shutil.copytree(finished_run, run)
+    fails_cli(request, caplog, capsys, workspace, audit_args(run, mnist_small) + ["--audit-size", "5000"], 2)
+
+
+@case("CLI", "`audit --shadow-models 1`",
+      "shadow_models must be >= 2 so that every example has shadows with and without it, got 1", "exit 2")
+def test_audit_one_shadow_model(request, caplog, capsys, finished_run, mnist_small, workspace):
+    import shutil
+
+    run = workspace / "run"
+    shutil.copytree(finished_run, run)
+    fails_cli(request, caplog, capsys, workspace, audit_args(run, mnist_small) + ["--shadow-models", "1"], 2)
+
+
 # ---------------------------------------------------------------- the catalogue itself
 
 
