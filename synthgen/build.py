@@ -1,0 +1,728 @@
+"""Build a labelled synthetic dataset from a DP generator: parquet shards, a card, a manifest.
+
+Sampling is post-processing of the DP release (the generator and the student), so a dataset
+costs no privacy and inherits the generator's guarantee.
+
+Determinism: sample i is image i % 256 of block i // 256. The 256 latents of block b come from
+a CPU `torch.Generator` seeded with a hash of (seed, b), and every block is generated whole, so
+row i is the same whatever the shard size, the number of processes, or which rows a shard
+holds. The student labels the 8-bit image that is written, in float64, because float32 logits
+changed in their last bits with the number of CPU threads (torch 2.13 on CPU), which would make
+labels and confidences depend on how many processes share a machine.
+
+Output folder:
+
+    README.md                          dataset card, written when every shard is complete
+    synthgen_dataset.json              manifest: settings, generator, privacy facts, "complete"
+    data/<split>-00000-of-000NN.parquet
+    .synthgen-build/                   plan of a --per-class build while it is unfinished
+
+A shard is written under a temporary name and renamed when complete, so a shard with its final
+name is always whole. An interrupted build continues with --resume and skips complete shards.
+
+Scale-out: under `torchrun` or `accelerate launch` every process builds the shards whose index
+modulo the number of processes equals its rank, into the same output folder (on several nodes
+it must be a shared filesystem); the main process writes the card and the manifest at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "synthgen-dataset/1"
+BLOCK_SIZE = 256  # latents per seeded block; part of the dataset's definition, never change it
+MANIFEST_FILE = "synthgen_dataset.json"
+CARD_FILE = "README.md"
+DATA_DIR = "data"
+STATE_DIR = ".synthgen-build"
+PLAN_FILE = "plan.npz"
+SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a block's latents come from a CPU "
+           "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'); images "
+           "rounded to 8 bits; labels and confidences from the student in float64")
+# Rows a --per-class build may draw before it gives up, per requested row (as DPSDPipeline does).
+MAX_DRAWS_PER_ROW = 100
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+
+
+class BuildError(ValueError):
+    """The dataset cannot be built as requested; the message says why and what to do."""
+
+
+@dataclass
+class BuildConfig:
+    """Settings of one dataset build; `synthgen build-dataset` has an option of the same name for each."""
+
+    generator: str  # run folder, release folder or Hub repository id
+    revision: str | None = None  # Hub branch, tag or commit
+    num_samples: int | None = None  # rows; exclusive with per_class
+    per_class: int | None = None  # rows per student label; exclusive with num_samples
+    seed: int = 0  # seed of the latents, in [0, 2**63)
+    shard_size: int = 10_000  # rows per parquet shard
+    out: str | None = None  # output folder; a temporary folder when only push_to_hub is given
+    push_to_hub: str | None = None  # dataset repository NAMESPACE/NAME
+    private: bool = False  # create the Hub repository as private
+    split: str = "train"  # split name, used in the shard file names
+    name: str | None = None  # dataset name for the card and the catalog
+    license: str = "apache-2.0"  # license identifier in the card
+    overwrite: bool = False  # replace the dataset files in a non-empty output folder
+    resume: bool = False  # continue an interrupted build with the same settings
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    threads: int | None = None  # torch CPU threads per process
+    catalog: str | None = None  # catalog file; default $SYNTHGEN_CATALOG or the user data folder
+    record: bool = True  # record the dataset in the catalog
+
+
+@dataclass
+class BuildResult:
+    out: Path | None  # None when the folder was temporary (push only)
+    rows: int
+    shards: int
+    shards_written: int  # by this process in this call; complete shards skipped are not counted
+    rows_written: int
+    seconds: float
+    manifest: dict
+    repo_id: str | None = None
+    commit: str | None = None
+    process_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows_written / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_int(name: str, value, minimum: int, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise BuildError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def validate_config(config: BuildConfig) -> None:
+    """Raise BuildError for settings that cannot work, before anything is loaded or written."""
+    if (config.num_samples is None) == (config.per_class is None):
+        raise BuildError("give exactly one of --num-samples N (rows) or --per-class M (rows per class), got "
+                         f"num_samples={config.num_samples!r} and per_class={config.per_class!r}")
+    if config.num_samples is not None:
+        _check_int("num_samples", config.num_samples, 1, "--num-samples")
+    else:
+        _check_int("per_class", config.per_class, 1, "--per-class")
+    _check_int("shard_size", config.shard_size, 1, "--shard-size")
+    _check_int("seed", config.seed, 0, "--seed")
+    if config.seed >= 2**63:
+        raise BuildError(f"--seed must be below 2**63, got {config.seed}")
+    if config.threads is not None:
+        _check_int("threads", config.threads, 1, "--threads")
+    if not isinstance(config.split, str) or not _SPLIT_NAME.match(config.split):
+        raise BuildError(f"--split must be a plain name of letters, digits and underscores (it becomes part of the "
+                         f"shard file names), got {config.split!r}")
+    if not config.out and not config.push_to_hub:
+        raise BuildError("give --out DIR, --push-to-hub NAMESPACE/NAME, or both")
+    if config.overwrite and config.resume:
+        raise BuildError("--overwrite and --resume exclude each other: --overwrite starts over, --resume continues")
+    if config.push_to_hub:
+        check_dataset_repo_id(config.push_to_hub)
+
+
+def check_dataset_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise BuildError(f"--push-to-hub must be a dataset repository NAMESPACE/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise BuildError(f"invalid dataset repository id {repo_id!r}: {str(error).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def block_seed(seed: int, block: int) -> int:
+    """Return the torch seed of one block of latents: 63 bits of sha256 over (seed, block)."""
+    digest = hashlib.sha256(f"synthgen-dataset/{seed}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def draw_block(pipeline, seed: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generate block `block` and label it with the student.
+
+    Returns uint8 pixels (B, C, H, W), int64 labels (B,) and float32 confidences (B,).
+    """
+    import torch
+
+    rng = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
+    output = pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
+    # The pipeline returns multiples of 1/255, so this recovers the exact 8-bit values.
+    pixels = (output.images * 255).round().to(torch.uint8).numpy()  # (B, C, H, W)
+    return pixels, output.labels.numpy().astype(np.int64), output.confidences.numpy().astype(np.float32)
+
+
+def prepare_pipeline(pipeline, device):
+    """Move the pipeline to `device`, with the student in float64 (see the module docstring)."""
+    import torch
+
+    pipeline = pipeline.to(device)
+    pipeline.student.double()  # nn.Module.double: diffusers' ModelMixin.to warns about any dtype cast
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the sample indices (and their labels) of the first `per_class` samples of each class.
+
+    Samples are scanned in index order, so the plan depends only on the generator and the seed.
+
+    Raises:
+        BuildError: the generator did not produce enough of some class within
+            MAX_DRAWS_PER_ROW draws per requested row.
+    """
+    num_classes = len(class_names)
+    wanted = per_class * num_classes
+    max_blocks = math.ceil(max(MAX_DRAWS_PER_ROW * wanted, 10 * BLOCK_SIZE) / BLOCK_SIZE)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    indices: list[int] = []
+    labels: list[int] = []
+    for block in range(max_blocks):
+        _, block_labels, _ = draw_block(pipeline, seed, block)
+        for offset, label in enumerate(block_labels.tolist()):
+            if counts[label] < per_class:
+                counts[label] += 1
+                indices.append(block * BLOCK_SIZE + offset)
+                labels.append(label)
+        if (counts >= per_class).all():
+            logger.info("per-class plan: %d rows found among the first %d samples", wanted, (block + 1) * BLOCK_SIZE)
+            return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    missing = {class_names[c]: int(per_class - counts[c]) for c in range(num_classes) if counts[c] < per_class}
+    raise BuildError(f"after {max_blocks * BLOCK_SIZE} generated images the student has not labelled enough of them "
+                     f"as some classes; still missing {missing}. The generator rarely produces these classes: "
+                     "lower --per-class, or use --num-samples")
+
+
+# ---------------------------------------------------------------- shards
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def dataset_features(class_names: list[str]):
+    from datasets import ClassLabel, Features, Image, Value
+
+    return Features({
+        "image": Image(),
+        "label": ClassLabel(names=list(class_names)),
+        "generator": Value("string"),
+        "generator_commit": Value("string"),
+        "seed": Value("int64"),
+        "sample_index": Value("int64"),
+        "confidence": Value("float32"),
+    })
+
+
+class _BlockCache:
+    """Generate each block once while consecutive rows fall into it."""
+
+    def __init__(self, pipeline, seed: int):
+        self.pipeline, self.seed = pipeline, seed
+        self.block: int | None = None
+        self.value = None
+
+    def get(self, block: int):
+        if block != self.block:
+            self.value = draw_block(self.pipeline, self.seed, block)
+            self.block = block
+        return self.value
+
+
+def _shard_rows_complete(path: Path, expected: int) -> bool:
+    """Return whether `path` is a readable parquet file with `expected` rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows == expected
+    except (OSError, ValueError) as error:  # pyarrow raises ArrowInvalid (a ValueError) for a damaged file
+        logger.warning("shard %s is unreadable (%s); writing it again", path, error)
+        return False
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance: dict, features,
+                planned_labels: np.ndarray | None = None) -> None:
+    """Generate the rows `indices` and write them as one parquet shard, renamed into place when complete."""
+    from datasets import Dataset
+
+    from .data import encode_png
+
+    images, labels, confidences = [], [], []
+    for index in indices.tolist():
+        pixels, block_labels, block_confidences = cache.get(index // BLOCK_SIZE)
+        offset = index % BLOCK_SIZE
+        images.append({"bytes": encode_png(pixels[offset]), "path": None})
+        labels.append(int(block_labels[offset]))
+        confidences.append(float(block_confidences[offset]))
+    if planned_labels is not None and not np.array_equal(np.asarray(labels), planned_labels):
+        raise BuildError(f"the student's labels for shard {path.name} differ from the per-class plan made at the start "
+                         "of the build; the generator or the student is not deterministic on this device")
+    columns = {
+        "image": images,
+        "label": labels,
+        "generator": [provenance["generator"]] * len(labels),
+        "generator_commit": [provenance["generator_commit"]] * len(labels),
+        "seed": [provenance["seed"]] * len(labels),
+        "sample_index": indices.tolist(),
+        "confidence": confidences,
+    }
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Dataset.from_dict(columns, features=features).to_parquet(str(temporary))
+        _fsync_file(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _sweep_temporaries(folder: Path) -> None:
+    """Remove shards that a killed process left under a temporary name."""
+    for entry in folder.glob(".*.tmp") if folder.is_dir() else []:
+        entry.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def _settings(config: BuildConfig, source) -> dict:
+    return {
+        "format": FORMAT,
+        **source.provenance(),
+        "seed": config.seed,
+        "num_samples": config.num_samples,
+        "per_class": config.per_class,
+        "shard_size": config.shard_size,
+        "split": config.split,
+        "block_size": BLOCK_SIZE,
+    }
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise BuildError(f"{path} is not a readable build manifest ({error}); remove it or pass --overwrite") from None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
+    """Decide what to do with the output folder: "fresh", "resume", "overwrite" or "complete".
+
+    Only reads the folder, so every process can call it before anything is written.
+    """
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output path {out} is a file; give a folder with --out")
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    if config.overwrite:
+        return "overwrite"
+    manifest = _read_manifest(out)
+    if not config.resume:
+        hint = ("; it contains an unfinished build with the same settings: pass --resume to continue it"
+                if manifest and manifest.get("settings") == settings and not manifest.get("complete") else "")
+        raise BuildError(f"output folder {out} is not empty{hint}. Pass --overwrite to replace the dataset files in "
+                         "it, or choose an empty or new folder")
+    if manifest is None:
+        raise BuildError(f"--resume was given but {out} contains no {MANIFEST_FILE}, so it holds no synthgen build to "
+                         "continue; choose an empty folder or pass --overwrite")
+    previous = manifest.get("settings") or {}
+    changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {previous.get(key)!r} then, {settings.get(key)!r} now" for key in changed)
+        raise BuildError(f"cannot resume the build in {out}: its settings differ ({details}). Rerun with the earlier "
+                         "settings (a Hub branch that moved needs --revision with the earlier commit), or pass "
+                         "--overwrite")
+    return "complete" if manifest.get("complete") else "resume"
+
+
+def _clear_dataset_files(out: Path) -> None:
+    """Remove the files a build writes; other files in the folder stay."""
+    for name in (CARD_FILE, MANIFEST_FILE):
+        (out / name).unlink(missing_ok=True)
+    for name in (DATA_DIR, STATE_DIR):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _size_category(rows: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
+                         (1_000_000_000, "100M<n<1B")):
+        if rows < limit:
+            return label
+    return "n>1T" if rows >= 10**12 else "1B<n<10B"
+
+
+def _privacy_facts(source) -> dict:
+    report = source.report
+    facts = {key: report.get(key) for key in ("unit", "unit_description", "epsilon", "delta")}
+    facts["accountant"] = (report.get("accountant") or {}).get("name")
+    facts["mechanism"] = (report.get("mechanism") or {}).get("name")
+    facts["generator_card"] = source.card_url
+    facts["sampling_cost"] = ("none: sampling the generator and labelling with the student are post-processing of "
+                              "the DP release")
+    return facts
+
+
+def _new_manifest(config: BuildConfig, source, settings: dict, rows: int, shards: int) -> dict:
+    return {
+        "format": FORMAT,
+        "complete": False,
+        "name": config.name or _default_name(source),
+        "settings": settings,
+        "rows": rows,
+        "shards": shards,
+        "class_names": list(source.class_names),
+        "image_shape": list(source.image_shape),
+        "size_category": _size_category(rows),
+        "privacy": _privacy_facts(source),
+        "sampler": SAMPLER,
+        "software": {"synthgen": metadata.version("synthgen"), "torch": metadata.version("torch"),
+                     "datasets": metadata.version("datasets")},
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _default_name(source) -> str:
+    return source.location.rstrip("/").split("/")[-1] + "-synthetic"
+
+
+def _label_counts(out: Path, files: list[Path], num_classes: int) -> list[int]:
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for path in files:
+        labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+        counts += np.bincount(labels, minlength=num_classes)
+    return counts.tolist()
+
+
+def _finalize(out: Path, manifest: dict, files: list[Path], config: BuildConfig, source, seconds: float) -> dict:
+    """Write the card and mark the manifest complete; the manifest is written last."""
+    from .dataset_card import render_dataset_card
+
+    manifest = dict(manifest)
+    manifest["label_counts"] = _label_counts(out, files, len(manifest["class_names"]))
+    manifest["files"] = [path.relative_to(out).as_posix() for path in files]
+    manifest["completed"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["build_seconds"] = round(seconds, 2)
+    manifest["complete"] = True
+    card = render_dataset_card(manifest, source.report, repo_id=config.push_to_hub, license=config.license)
+    atomic_write_text(out / CARD_FILE, card)
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    return manifest
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BuildError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BuildError(f"--device {name} was requested but torch finds no CUDA device; use --device cpu")
+    return device
+
+
+def _process_state(device):
+    """Return accelerate's view of the launched processes (one process when not launched)."""
+    from accelerate import PartialState
+
+    # cpu=True makes accelerate treat a torchrun launch on CPUs as multi-process (gloo);
+    # without it only GPU launches are detected.
+    return PartialState(cpu=device.type == "cpu")
+
+
+# ---------------------------------------------------------------- the build
+
+
+def build_dataset(config: BuildConfig) -> BuildResult:
+    """Build the dataset described by `config` in this process (and its peers, when launched).
+
+    Returns:
+        The result of this process. Only the main process writes the card, records the dataset
+        in the catalog and pushes it.
+
+    Raises:
+        BuildError and other ValueErrors (invalid settings, output folder, generator or Hub
+        repository), FileNotFoundError (a generator that does not exist).
+    """
+    import torch
+
+    from .generator_source import load_generator
+
+    started = time.time()
+    validate_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = _resolve_device(config.device)
+    state = _process_state(device)
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device
+    if state.num_processes > 1 and not config.out:
+        raise BuildError("a build in several processes needs --out on a filesystem that every process can write; "
+                         "--push-to-hub alone stages the dataset in a temporary folder of one process")
+    if config.push_to_hub:
+        _check_push_possible(config.push_to_hub)
+
+    # 1. load the generator (the main process first, so that only it downloads a Hub release)
+    with state.main_process_first():
+        source = load_generator(config.generator, config.revision)
+    if config.push_to_hub and source.kind != "hub":
+        raise BuildError(
+            f"--push-to-hub needs a generator published on the Hub, so that the dataset card can link its privacy "
+            f"datasheet and no local path is published; publish {source.location} with 'synthgen push' first and "
+            "build from that repository")
+    pipeline = prepare_pipeline(source.pipeline, device)
+    settings = _settings(config, source)
+
+    # 2. decide what to do with the output folder; nothing is written before every process has checked it
+    temporary_out = None
+    if config.out:
+        out = Path(config.out).expanduser().resolve()
+    else:
+        temporary_out = Path(tempfile.mkdtemp(prefix="synthgen-dataset-"))
+        out = temporary_out
+    try:
+        action = _plan_output(out, config, settings)
+        state.wait_for_everyone()
+        return _build_in(out, action, config, source, pipeline, settings, state, started, temporary_out is not None)
+    finally:
+        if temporary_out is not None:
+            shutil.rmtree(temporary_out, ignore_errors=True)
+
+
+def _build_in(out: Path, action: str, config: BuildConfig, source, pipeline, settings: dict, state, started: float,
+              temporary: bool) -> BuildResult:
+    class_names = list(source.class_names)
+    data_dir = out / DATA_DIR
+    plan_path = out / STATE_DIR / PLAN_FILE
+
+    # 3. the main process plans the rows and lays out the folder
+    if state.is_main_process and action != "complete":
+        planned = None
+        if config.per_class is not None and not (action == "resume" and plan_path.is_file()):
+            planned = plan_per_class(pipeline, config.seed, config.per_class, class_names)
+        if action == "overwrite":
+            logger.info("--overwrite: removing the dataset files of %s", out)
+            _clear_dataset_files(out)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_temporaries(data_dir)
+        if planned is not None:
+            buffer = _npz_bytes(indices=planned[0], labels=planned[1])
+            atomic_write_bytes(plan_path, buffer)
+        if action != "resume":
+            rows = config.num_samples if config.num_samples is not None else config.per_class * len(class_names)
+            atomic_write_json(out / MANIFEST_FILE, _new_manifest(config, source, settings, rows,
+                                                                 math.ceil(rows / config.shard_size)))
+    state.wait_for_everyone()
+
+    # 4. every process writes its own shards
+    manifest = _read_manifest(out)
+    if config.per_class is not None and action != "complete":
+        with np.load(plan_path) as plan:
+            indices, planned_labels = plan["indices"], plan["labels"]
+    else:
+        indices = np.arange(manifest["rows"], dtype=np.int64)
+        planned_labels = None
+    rows, shards = manifest["rows"], manifest["shards"]
+    files = [data_dir / shard_name(config.split, k, shards) for k in range(shards)]
+    written_shards = written_rows = 0
+    if action != "complete":
+        written_shards, written_rows = _write_own_shards(files, indices, planned_labels, config, source, pipeline,
+                                                         state)
+    state.wait_for_everyone()
+    build_seconds = time.time() - started
+
+    result = BuildResult(None if temporary else out, rows, shards, written_shards, written_rows, build_seconds,
+                         manifest, process_index=state.process_index)
+    if not state.is_main_process:
+        return result
+
+    # 5. the main process checks every shard, writes the card and marks the build complete
+    if action != "complete":
+        incomplete = [path.name for k, path in enumerate(files)
+                      if not path.is_file() or not _shard_rows_complete(path, _shard_length(k, rows, config.shard_size))]
+        if incomplete:
+            raise BuildError(f"shards {incomplete[:5]} of {out} are missing after every process finished; the "
+                             "processes may not share one filesystem. Rerun with --resume")
+        result.manifest = _finalize(out, manifest, files, config, source, build_seconds)
+    logger.info("dataset %s: %d rows in %d shards (%d rows written now, %.1f images/s), generator %s at %s-level "
+                "epsilon %.4g, delta %g; sampling cost no privacy", "(temporary folder)" if temporary else out, rows,
+                shards, written_rows, result.images_per_second, source.location, source.report["unit"],
+                source.report["epsilon"], source.report["delta"])
+
+    # 6. publish and record
+    if config.push_to_hub:
+        result.repo_id, result.commit = push_dataset(out, config.push_to_hub, private=config.private,
+                                                     manifest=result.manifest)
+    if config.record:
+        _record_in_catalog(config, source, out, result, temporary)
+    return result
+
+
+def _shard_length(index: int, rows: int, shard_size: int) -> int:
+    return min(shard_size, rows - index * shard_size)
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write_own_shards(files: list[Path], indices: np.ndarray, planned_labels: np.ndarray | None, config: BuildConfig,
+                      source, pipeline, state) -> tuple[int, int]:
+    from tqdm.auto import tqdm
+
+    features = dataset_features(source.class_names)
+    provenance = {**source.provenance(), "seed": config.seed}
+    cache = _BlockCache(pipeline, config.seed)
+    mine = [k for k in range(len(files)) if k % state.num_processes == state.process_index]
+    todo = []
+    for k in mine:
+        expected = _shard_length(k, len(indices), config.shard_size)
+        if files[k].is_file() and _shard_rows_complete(files[k], expected):
+            continue
+        todo.append(k)
+    skipped = len(mine) - len(todo)
+    logger.info("process %d of %d: %d shards to write, %d complete shards skipped", state.process_index,
+                state.num_processes, len(todo), skipped)
+    written_rows = 0
+    total = sum(_shard_length(k, len(indices), config.shard_size) for k in todo)
+    with tqdm(total=total, desc=f"building (process {state.process_index})", unit="img") as progress:
+        for k in todo:
+            start, stop = k * config.shard_size, min((k + 1) * config.shard_size, len(indices))
+            labels = planned_labels[start:stop] if planned_labels is not None else None
+            write_shard(files[k], indices[start:stop], cache, provenance, features, labels)
+            written_rows += stop - start
+            progress.update(stop - start)
+            logger.debug("wrote %s (%d rows)", files[k], stop - start)
+    return len(todo), written_rows
+
+
+# ---------------------------------------------------------------- Hub and catalog
+
+
+def _check_push_possible(repo_id: str) -> None:
+    """Fail before the build when the Hub cannot take the push (offline, unreachable, bad token)."""
+    from huggingface_hub import HfApi
+
+    from .hub import HubSettings
+
+    settings = HubSettings.resolve()
+    if settings.offline:
+        raise BuildError(f"HF_HUB_OFFLINE is set, but --push-to-hub {repo_id} needs the Hub; unset HF_HUB_OFFLINE")
+    settings.check_online()
+    with _hub_errors(settings.endpoint, repo_id, "checking the token for"):
+        HfApi(endpoint=settings.endpoint, token=settings.token).whoami()
+
+
+@contextlib.contextmanager
+def _hub_errors(endpoint: str, repo_id: str, action: str) -> Iterator[None]:
+    """Turn huggingface_hub and connection errors into BuildErrors that name the endpoint and the fix."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    where = f"{action} {repo_id} on {endpoint} failed"
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise BuildError(f"{where}: the Hub rejected the token (HTTP {status}); set HF_TOKEN to a token with "
+                             "write access") from None
+        raise BuildError(f"{where}: HTTP {status} ({str(error).splitlines()[0]})") from None
+    except (httpx2.ConnectError, httpx2.TimeoutException) as error:
+        raise BuildError(f"{where}: cannot connect ({error}); check HF_ENDPOINT and the network") from None
+
+
+def push_dataset(out: Path, repo_id: str, private: bool = False, manifest: dict | None = None) -> tuple[str, str]:
+    """Upload a complete dataset folder (card, manifest, shards) as one commit; return (repo_id, commit)."""
+    from huggingface_hub import HfApi
+
+    from .hub import HubSettings
+
+    manifest = manifest or _read_manifest(out)
+    if not manifest or not manifest.get("complete"):
+        raise BuildError(f"{out} holds no complete dataset; finish the build before pushing it")
+    settings = HubSettings.resolve()
+    api = HfApi(endpoint=settings.endpoint, token=settings.token)
+    privacy = manifest["privacy"]
+    message = (f"Synthetic dataset: {manifest['rows']} rows from {manifest['settings']['generator']}, "
+               f"{privacy['unit']}-level ({privacy['epsilon']:.4g}, {privacy['delta']:g})-DP")
+    with _hub_errors(settings.endpoint, repo_id, "pushing"):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        # delete_patterns="*" drops files of an earlier version that this one lacks (the Hub
+        # keeps .gitattributes), so the commit holds exactly this dataset.
+        commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(out),
+                                   allow_patterns=[CARD_FILE, MANIFEST_FILE, f"{DATA_DIR}/*.parquet"],
+                                   delete_patterns="*", commit_message=message)
+    logger.info("pushed dataset %s as commit %s", repo_id, commit.oid)
+    return repo_id, commit.oid
+
+
+def _record_in_catalog(config: BuildConfig, source, out: Path, result: BuildResult, temporary: bool) -> None:
+    import duckdb
+
+    from .catalog import Catalog
+
+    try:
+        with Catalog(config.catalog) as catalog:
+            if source.kind == "run":
+                catalog.record_run(source.path)
+            elif source.kind == "hub":
+                catalog.record_release(source.location, source.commit, source.report, revision=source.revision,
+                                       card_url=source.card_url)
+            catalog.record_dataset(result.manifest, path=None if temporary else out, repo_id=result.repo_id,
+                                   commit=result.commit)
+            catalog.sync_ledger(missing_ok=True)
+    except (duckdb.Error, OSError) as error:
+        logger.warning("the dataset is complete but was not recorded in the catalog (%s); record it later with "
+                       "'synthgen catalog add-dataset %s'", error, out if not temporary else config.push_to_hub)
