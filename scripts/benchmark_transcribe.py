@@ -57,8 +57,13 @@ def run_dp_teacher(args, data: str, epsilon: float, records: list) -> Path:
     from synthgen.data import load_image_data
     from synthgen.teacher import train_teacher_dp
 
-    out = Path(args.out) / f"dp-teacher-eps{epsilon:g}"
-    if not (out / "synthgen_teacher.json").is_file():
+    out = Path(args.out) / f"dp-sgd-teacher-eps{epsilon:g}"
+    if (out / "synthgen_teacher.json").is_file():  # trained by an earlier invocation
+        meta = json.loads((out / "synthgen_teacher.json").read_text())
+        records.append(record("transcribe", "teacher_accuracy", meta["test_accuracy"], method="opacus-dp-sgd",
+                              unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1,
+                              note="DP-SGD teacher (GroupNorm CNN, EMA); it is also the DP-SGD baseline"))
+    else:
         started = time.time()
         config = TeacherTrainConfig(data=data, out=str(out), dp=True, epsilon=epsilon, delta=1e-5,
                                     epochs=1 if args.quick else args.dp_epochs, batch_size=512, lr=2e-3, width=16,
