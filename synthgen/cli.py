@@ -12,6 +12,7 @@ import typing
 from .audit_cli import add_commands as add_audit_commands
 from .config import TeacherTrainConfig, TranscribeConfig, build_config, load_config_file
 from .dataset_cli import add_commands as add_dataset_commands
+from .hub_cli import add_commands as add_hub_commands
 
 logger = logging.getLogger("synthgen")
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     set_budget.add_argument("--delta", type=float, default=1e-5, help="delta at which the cap applies (default 1e-5)")
     ledger.set_defaults(handler=_cmd_ledger)
     add_dataset_commands(commands)
+    add_hub_commands(commands)
     add_audit_commands(commands)
     return parser
 

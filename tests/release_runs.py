@@ -44,3 +44,19 @@ def release_run(mechanism: str, small_teacher: Path, mnist_small: Path, tmp_path
         transcribe(small_config(teacher, folder / "run", mnist_small, mechanism=mechanism, ledger=str(ledger)))
         _RUNS[key] = folder / "run"
     return _RUNS[key]
+
+
+def audited_run(small_teacher: Path, mnist_small: Path, tmp_path_factory) -> Path:
+    """Return a copy of the Gaussian run with a small real `synthgen audit` (audit.json) in it."""
+    import shutil
+
+    from synthgen.audit import AuditConfig, run_audit
+
+    key = ("audited", str(tmp_path_factory.getbasetemp()))
+    if key not in _RUNS:
+        run_dir = tmp_path_factory.mktemp("release-audited") / "run"
+        shutil.copytree(release_run("gaussian", small_teacher, mnist_small, tmp_path_factory), run_dir)
+        run_audit(AuditConfig(run_dir=str(run_dir), private_data=str(mnist_small), audit_size=100, shadow_models=2,
+                              shadow_epochs=1, synthetic_samples=100, bootstrap=20))
+        _RUNS[key] = run_dir
+    return _RUNS[key]
