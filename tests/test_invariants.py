@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,23 +51,12 @@ TRAINING_SET_SIZE = sum(LABEL_COUNTS)  # 1218, not a multiple of 4, so never a f
 BATCHNORM_FACTORY = "tests.test_invariants:build_batchnorm_teacher"
 
 
-def build_batchnorm_teacher(count_batches: bool = False) -> torch.nn.Module:
-    """A teacher with a BatchNorm layer, built through its import path by the engine.
-
-    Its batch counter is a 1-element tensor unless `count_batches` is set, because the engine
-    cannot load a teacher with BatchNorm's usual 0-dim counter (see the xfail test below).
-    """
-    batchnorm = torch.nn.BatchNorm2d(8)
-    if not count_batches:
-        batchnorm.register_buffer("num_batches_tracked", torch.zeros(1, dtype=torch.long))
+def build_batchnorm_teacher() -> torch.nn.Module:
+    """A teacher with a BatchNorm layer, built through its import path by the engine."""
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), batchnorm, torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10),
     )
-
-
-def build_counting_batchnorm_teacher() -> torch.nn.Module:
-    return build_batchnorm_teacher(count_batches=True)
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +90,11 @@ def batchnorm_teacher(counted_private_data, tmp_path_factory) -> Path:
     return path
 
 
-def test_batchnorm_teacher_with_batch_counter_loads(counted_private_data, tmp_path):
-    save_file(build_counting_batchnorm_teacher().state_dict(), str(tmp_path / "teacher.safetensors"))
-    teacher = load_teacher(tmp_path / "teacher.safetensors", factory="tests.test_invariants:build_counting_batchnorm_teacher",
+def test_batchnorm_teacher_loads_with_its_counter(batchnorm_teacher, counted_private_data):
+    # BatchNorm keeps a 0-dim int64 counter, num_batches_tracked, among its buffers.
+    teacher = load_teacher(batchnorm_teacher, factory=BATCHNORM_FACTORY,
                            data=load_image_data(counted_private_data, "train"))
+    assert teacher.module[1].num_batches_tracked.dim() == 0
     assert teacher.fingerprint.startswith("sha256:")
 
 
@@ -491,6 +482,23 @@ def test_released_files_carry_no_private_facts(released_run, batchnorm_teacher, 
     assert any(name.endswith(".safetensors") for name in names)
     findings = scan_release(files, private_facts(batchnorm_teacher, counted_private_data))
     assert findings == []
+
+
+def test_hub_release_carries_no_private_facts(released_run, batchnorm_teacher, counted_private_data, mnist_small,
+                                              tmp_path):
+    # Everything a push would upload: the staged release folder with its card and the audit.
+    hub = pytest.importorskip("synthgen.hub", reason="the Hub release code is not in this checkout")
+    from synthgen.audit import AuditConfig, run_audit
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(released_run[0], run_dir)
+    run_audit(AuditConfig(run_dir=str(run_dir), private_data=str(counted_private_data), heldout_data=str(mnist_small),
+                          audit_size=100, shadow_models=2, shadow_epochs=1, synthetic_samples=100, bootstrap=20))
+    staged = hub.stage_release(run_dir, tmp_path / "release", repo_id="tester/scan")
+    files = released_files(tmp_path / "release")
+    assert {"README.md", "audit.json", "privacy_report.json", "model_index.json"} <= {p.name for p in files}
+    assert len(files) == len(staged)
+    assert scan_release(files, private_facts(batchnorm_teacher, counted_private_data)) == []
 
 
 def test_release_scan_finds_planted_leaks(released_run, batchnorm_teacher, counted_private_data, tmp_path):
