@@ -1,9 +1,11 @@
-"""Kill transcriptions with SIGKILL at random moments and check that nothing is lost or leaked.
+"""Kill transcriptions and dataset builds with SIGKILL at random moments and check what is left.
 
-The script first runs one uninterrupted transcription (the reference). It then runs the same
-transcription in a fresh run folder and ledger, kills it with SIGKILL, checks the state on disk
-and continues it with ``--resume``. It repeats this, with new folders once a run finishes, until
-the requested number of kills has landed on a live process. After every kill it checks that:
+The script first runs one uninterrupted transcription and one uninterrupted dataset build from
+its result (the references). It then runs the same command in a fresh folder, kills it with
+SIGKILL, checks the state on disk and continues it with ``--resume``. It repeats this, with new
+folders once a run finishes, until the requested number of kills has landed on a live process.
+
+After every kill of a transcription it checks that:
 
 - the ledger opens, and the epsilon and queries it has charged never decreased;
 - every artifact under its final name is complete and valid, or absent: the privacy report,
@@ -11,20 +13,22 @@ the requested number of kills has landed on a live process. After every kill it 
   checkpoint (only temporary files, which the next start sweeps, may be partial);
 - the checkpoint never covers more queries than the ledger has charged.
 
-When a killed run has been resumed to the end, its accounting (epsilon, RDP epsilon, queries,
-events, ledger total), its final weights, its sample grid and its metrics must equal the
-reference; a finished run must keep no temporary file and no checkpoint (it contains the noise
-secret). A kill counts as survived when all of these checks held.
+After every kill of a dataset build it checks that every parquet shard under its final name
+holds exactly the rows of the reference's shard, and that the manifest and the card are valid
+and appear only as the build promises (the card only once every shard is complete).
+
+A run resumed to the end must equal its reference: for a transcription the accounting (epsilon,
+RDP epsilon, queries, events, ledger total), the weights, the sample grid and the metrics, with
+no temporary file and no checkpoint left (it contains the noise secret); for a build every
+shard and the label counts. A kill counts as survived when all of these checks held.
 
 Usage:
-    python scripts/crash_test.py [--kills 20] [--seed 0] [--work-dir DIR]
-        [--teacher TEACHER --data DATA] [--summary FILE] [--no-record]
+    python scripts/crash_test.py [--target transcribe|build|all] [--kills 20] [--seed 0]
+        [--work-dir DIR] [--teacher TEACHER --data DATA] [--summary FILE] [--no-record]
 
-Without --teacher and --data it trains a tiny teacher on 600 real MNIST images. The result
-record goes to benchmarks/results/crash.json unless --no-record is given. The exit status is
-0 when every kill was survived and every check held.
-
-Only transcription is covered: synthgen has no dataset builder yet.
+Without --teacher and --data it trains a tiny teacher on 600 real MNIST images. --kills counts
+per target. Result records go to benchmarks/results/crash.json unless --no-record is given.
+The exit status is 0 when every kill was survived and every check held.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -82,26 +87,23 @@ class Outcome:
     stderr_tail: str
 
 
-def run_once(config_path: Path, resume: bool, kill_after: tuple[str, float] | None) -> Outcome:
-    """Start one ``synthgen transcribe`` process and kill it as `kill_after` requests.
+def run_once(command: list[str], ready_marks: tuple[str, ...], kill_after: tuple[str, float] | None) -> Outcome:
+    """Start one ``synthgen`` process and kill it as `kill_after` requests.
 
     `kill_after` is None (let it finish), ("start", seconds) or ("ready", seconds): the delay
-    counts from the process start or from the moment it logs that the ledger is open.
+    counts from the process start or from the first log line that contains a ready mark.
     """
-    command = [sys.executable, "-m", "synthgen", "transcribe", "--config", str(config_path)]
-    if resume:
-        command.append("--resume")
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, bufsize=1)
+    process = subprocess.Popen([sys.executable, "-m", "synthgen", *command], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     ready = threading.Event()
     lines: list[str] = []
 
     def read_stderr() -> None:
         for line in process.stderr:
             lines.append(line)
-            if READY_MARK in line or "resuming" in line:
+            if any(mark in line for mark in ready_marks):
                 ready.set()
         ready.set()  # the process ended without getting that far
 
@@ -127,23 +129,22 @@ def run_once(config_path: Path, resume: bool, kill_after: tuple[str, float] | No
     return Outcome(killed, process.returncode, seconds_to_ready, time.monotonic() - started, "".join(lines[-15:]))
 
 
-def measure_reference(config_path: Path) -> tuple[float, float]:
-    """Run the reference to the end; return seconds until the ledger is open and in total."""
-    command = [sys.executable, "-m", "synthgen", "transcribe", "--config", str(config_path)]
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+def measure_reference(command: list[str], ready_marks: tuple[str, ...]) -> tuple[float, float]:
+    """Run a reference command to the end; return seconds until its ready mark and in total."""
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, bufsize=1)
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "synthgen", *command], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     ready_at = None
     lines = []
     for line in process.stderr:
         lines.append(line)
-        if ready_at is None and READY_MARK in line:
+        if ready_at is None and any(mark in line for mark in ready_marks):
             ready_at = time.monotonic() - started
     process.wait()
     total = time.monotonic() - started
     if process.returncode != 0:
-        raise SystemExit(f"the reference transcription failed (exit {process.returncode}):\n{''.join(lines[-20:])}")
+        raise SystemExit(f"the reference {command[0]} failed (exit {process.returncode}):\n{''.join(lines[-20:])}")
     return (ready_at if ready_at is not None else total / 2), total
 
 
@@ -313,142 +314,270 @@ def compare_metrics(path: Path, reference: Path) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- the kill loop
+# ---------------------------------------------------------------- checks of a dataset build
+
+
+def read_shard(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def check_build_folder(out: Path, reference: Path) -> list[str]:
+    """Return problems with a build folder's files under their final names."""
+    problems = []
+    if not out.exists():
+        return problems
+    manifest_path = out / "synthgen_dataset.json"
+    manifest = None
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as error:
+            problems.append(f"{manifest_path} is not valid JSON: {error}")
+    for shard in sorted((out / "data").glob("*.parquet")) if (out / "data").is_dir() else []:
+        expected = reference / "data" / shard.name
+        if not expected.is_file():
+            problems.append(f"{shard} is not a shard of the reference build")
+            continue
+        try:
+            if not read_shard(shard).equals(read_shard(expected)):
+                problems.append(f"{shard} differs from the reference's shard")
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            problems.append(f"{shard} is not a complete parquet file: {type(error).__name__}: {error}")
+    complete = bool(manifest and manifest.get("complete"))
+    if (out / "README.md").exists() or complete:
+        missing = sorted(p.name for p in (reference / "data").glob("*.parquet") if not (out / "data" / p.name).exists())
+        if missing:
+            problems.append(f"the card or a complete manifest exists, but shards {missing} do not")
+    if complete and not (out / "README.md").exists():
+        problems.append("the manifest says complete but README.md is missing")
+    return problems
+
+
+def compare_build(out: Path, reference: Path) -> list[str]:
+    problems = check_build_folder(out, reference)
+    manifest = json.loads((out / "synthgen_dataset.json").read_text())
+    expected = json.loads((reference / "synthgen_dataset.json").read_text())
+    for key in ("rows", "shards", "settings", "label_counts", "files", "complete"):
+        if manifest.get(key) != expected.get(key):
+            problems.append(f"manifest {key} is {manifest.get(key)!r}, the uninterrupted build has {expected.get(key)!r}")
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    if shards != sorted(p.name for p in (reference / "data").glob("*.parquet")):
+        problems.append(f"the finished build has shards {shards}")
+    left = temporaries(out)
+    if left:
+        problems.append(f"the finished build still has temporary files: {left}")
+    return problems
+
+
+# ---------------------------------------------------------------- the targets
 
 
 @dataclass
 class Victim:
-    """One run folder and ledger, killed and resumed until it finishes."""
+    """One folder (and, for a transcription, one ledger), killed and resumed until it finishes."""
 
     index: int
     folder: Path
-    config_path: Path
-    ledger_path: Path
-    delta: float
     spent: float = 0.0
     charged: int = 0
     kills: list[dict] = field(default_factory=list)
 
 
-def new_victim(index: int, work: Path, settings: dict) -> Victim:
-    folder = work / f"victim-{index:02d}"
-    config = {**settings, "out": str(folder / "run"), "ledger": str(folder / "ledger.duckdb")}
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return Victim(index, folder / "run", folder / "config.json", folder / "ledger.duckdb", settings["delta"])
+class TranscribeTarget:
+    """``synthgen transcribe`` of a tiny teacher."""
+
+    name = "transcribe"
+    ready_marks = (READY_MARK, "resuming")
+
+    def __init__(self, work: Path, settings: dict, reference: Path):
+        self.work = work
+        self.settings = settings
+        self.reference = reference  # the finished reference run folder
+        self.planned = settings["steps"] * settings["batch_size"]
+
+    def new_victim(self, index: int) -> Victim:
+        folder = self.work / f"transcribe-{index:02d}"
+        folder.mkdir(parents=True)
+        config = {**self.settings, "out": str(folder / "run"), "ledger": str(folder / "ledger.duckdb")}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        return Victim(index, folder)
+
+    def next_start(self, victim: Victim) -> str:
+        """Return how to continue a victim: 'done', 'resume', 'fresh' or 'stuck'."""
+        run = victim.folder / "run"
+        if (run / REPORT_FILE).exists():
+            return "done"
+        if (run / "private" / "run_config.json").exists():
+            return "resume"
+        if not run.exists() or not any(run.iterdir()):
+            return "fresh"
+        return "stuck"
+
+    def command(self, victim: Victim, start: str) -> list[str]:
+        command = ["transcribe", "--config", str(victim.folder / "config.json")]
+        return command + ["--resume"] if start == "resume" else command
+
+    def inspect(self, victim: Victim) -> list[str]:
+        """Check the ledger and the files after the process ended (killed or not)."""
+        problems = []
+        try:
+            spent, charged = ledger_state(victim.folder / "ledger.duckdb", self.settings["delta"])
+        except Exception as error:  # DuckDB raises its own types for a damaged file
+            return [f"the ledger {victim.folder / 'ledger.duckdb'} cannot be read: {type(error).__name__}: {error}"]
+        if spent < victim.spent - 1e-12 or charged < victim.charged:
+            problems.append(f"the ledger went down: epsilon {victim.spent:.6g} -> {spent:.6g}, "
+                            f"queries {victim.charged} -> {charged}")
+        if charged > self.planned:
+            problems.append(f"the ledger charged {charged} queries, more than the {self.planned} planned")
+        victim.spent, victim.charged = max(spent, victim.spent), max(charged, victim.charged)
+        problems += check_artifacts(victim.folder / "run", self.reference)
+        covered = checkpoint_queries(victim.folder / "run")
+        if covered is not None and covered > charged:
+            problems.append(f"the checkpoint covers {covered} queries but the ledger charged only {charged}")
+        return problems
+
+    def compare(self, victim: Victim) -> list[str]:
+        return compare_with_reference(victim.folder / "run", self.reference)
+
+    def phase(self, victim: Victim) -> str:
+        """Name the part of the run a kill interrupted, judged from what it left behind."""
+        if (victim.folder / "run" / REPORT_FILE).exists():
+            return "after the report"
+        if victim.charged == 0:
+            return "before the first charge"
+        if victim.charged < self.planned:
+            return "training"
+        return "saving results"
 
 
-def inspect_after_stop(victim: Victim, reference_dir: Path, planned: int) -> list[str]:
-    """Check a victim's ledger and files after its process ended (killed or not)."""
-    problems = []
-    try:
-        spent, charged = ledger_state(victim.ledger_path, victim.delta)
-    except Exception as error:  # DuckDB raises its own types for a damaged file
-        return [f"the ledger {victim.ledger_path} cannot be read: {type(error).__name__}: {error}"]
-    if spent < victim.spent - 1e-12 or charged < victim.charged:
-        problems.append(f"the ledger went down: epsilon {victim.spent:.6g} -> {spent:.6g}, "
-                        f"queries {victim.charged} -> {charged}")
-    if charged > planned:
-        problems.append(f"the ledger charged {charged} queries, more than the {planned} planned")
-    victim.spent, victim.charged = max(spent, victim.spent), max(charged, victim.charged)
-    problems += check_artifacts(victim.folder, reference_dir)
-    covered = checkpoint_queries(victim.folder)
-    if covered is not None and covered > charged:
-        problems.append(f"the checkpoint covers {covered} queries but the ledger charged only {charged}")
-    return problems
+class BuildTarget:
+    """``synthgen build-dataset`` from the reference run's generator."""
+
+    name = "build"
+    ready_marks = ("shards to write",)
+
+    def __init__(self, work: Path, generator: Path, rows: int, shard_size: int, reference: Path):
+        self.work = work
+        self.generator = generator
+        self.rows = rows
+        self.shard_size = shard_size
+        self.reference = reference  # the finished reference build folder
+
+    def arguments(self, out: Path) -> list[str]:
+        return ["build-dataset", str(self.generator), "--num-samples", str(self.rows), "--shard-size",
+                str(self.shard_size), "--seed", "0", "--out", str(out), "--no-catalog", "--device", "cpu",
+                "--threads", "1"]
+
+    def new_victim(self, index: int) -> Victim:
+        folder = self.work / f"build-{index:02d}"
+        folder.mkdir(parents=True)
+        return Victim(index, folder)
+
+    def next_start(self, victim: Victim) -> str:
+        """Return 'done', 'resume', 'fresh' or 'overwrite' (a folder without a manifest yet)."""
+        out = victim.folder / "dataset"
+        manifest = out / "synthgen_dataset.json"
+        if manifest.is_file():
+            return "done" if json.loads(manifest.read_text()).get("complete") else "resume"
+        if not out.exists() or not any(out.iterdir()):
+            return "fresh"
+        # Killed after the data folder was made but before the manifest: the build asks for
+        # --overwrite, which removes only dataset files.
+        return "overwrite"
+
+    def command(self, victim: Victim, start: str) -> list[str]:
+        command = self.arguments(victim.folder / "dataset")
+        return command + [f"--{start}"] if start in ("resume", "overwrite") else command
+
+    def inspect(self, victim: Victim) -> list[str]:
+        return check_build_folder(victim.folder / "dataset", self.reference)
+
+    def compare(self, victim: Victim) -> list[str]:
+        return compare_build(victim.folder / "dataset", self.reference)
+
+    def phase(self, victim: Victim) -> str:
+        out = victim.folder / "dataset"
+        shards = len(list((out / "data").glob("*.parquet"))) if (out / "data").is_dir() else 0
+        if (out / "README.md").exists():
+            return "after the card"
+        if not (out / "synthgen_dataset.json").exists():
+            return "before the manifest"
+        return "writing shards" if shards < math.ceil(self.rows / self.shard_size) else "finishing"
 
 
-def phase_of(victim: Victim, planned: int) -> str:
-    """Name the part of the run a kill interrupted, judged from what it left behind."""
-    if (victim.folder / REPORT_FILE).exists():
-        return "after the report"
-    if victim.charged == 0:
-        return "before the first charge"
-    if victim.charged < planned:
-        return "training"
-    return "saving results"
+# ---------------------------------------------------------------- the kill loop
 
 
-def next_start(victim: Victim) -> str:
-    """Return how to continue a victim: 'done', 'resume', 'fresh' or 'stuck'."""
-    run = victim.folder
-    if (run / REPORT_FILE).exists():
-        return "done"
-    if (run / "private" / "run_config.json").exists():
-        return "resume"
-    if not run.exists() or not any(run.iterdir()):
-        return "fresh"
-    return "stuck"
-
-
-def crash_loop(args, work: Path, settings: dict, reference_dir: Path, timing: tuple[float, float]) -> dict:
-    rng = random.Random(args.seed)
+def crash_loop(target, kills_wanted: int, rng: random.Random, timing: tuple[float, float]) -> dict:
+    """Kill `target`'s command until `kills_wanted` kills landed; return the summary of one target."""
     ready_seconds, total_seconds = timing
-    planned = settings["steps"] * settings["batch_size"]
     kills: list[dict] = []
     failures: list[str] = []
     victims = 0
-    victim = new_victim(victims, work, settings)
+    victim = target.new_victim(victims)
     finishing = False
     while True:
-        state = next_start(victim)
-        if state == "stuck":
+        start = target.next_start(victim)
+        if start == "stuck":
             listing = sorted(str(p.relative_to(victim.folder)) for p in victim.folder.rglob("*"))
-            message = (f"victim {victim.index}: the run folder can neither be resumed nor restarted after a kill; "
-                       f"it contains {listing}")
+            message = (f"{target.name} {victim.index}: the folder can neither be resumed nor restarted after a "
+                       f"kill; it contains {listing}")
             failures.append(message)
             for kill in victim.kills:
                 kill["problems"].append(message)
-            shutil.rmtree(victim.folder)
-            state = "fresh"
-        if state == "done":
-            problems = compare_with_reference(victim.folder, reference_dir)
+            victims += 1
+            victim = target.new_victim(victims)
+            continue
+        if start == "done":
+            problems = target.compare(victim)
             for kill in victim.kills:
                 kill["problems"] += problems
             if problems and not victim.kills:
-                failures += [f"victim {victim.index}: {p}" for p in problems]
-            logger.info("victim %d finished after %d kills: %s", victim.index, len(victim.kills),
+                failures += [f"{target.name} {victim.index}: {p}" for p in problems]
+            logger.info("%s %d finished after %d kills: %s", target.name, victim.index, len(victim.kills),
                         "same as the uninterrupted run" if not problems else "; ".join(problems))
-            if finishing:
+            if finishing or len(kills) >= kills_wanted:
                 break
             victims += 1
-            victim = new_victim(victims, work, settings)
+            victim = target.new_victim(victims)
             continue
-        if len(kills) >= args.kills:
+        if len(kills) >= kills_wanted:
             finishing = True  # let the last victim run to the end, then compare it
             kill_after = None
         elif rng.random() < ANY_MOMENT_SHARE:
             kill_after = ("start", rng.uniform(0, total_seconds))
         else:
             kill_after = ("ready", rng.uniform(0, 1.1 * (total_seconds - ready_seconds)))
-        outcome = run_once(victim.config_path, resume=state == "resume", kill_after=kill_after)
-        problems = inspect_after_stop(victim, reference_dir, planned)
+        outcome = run_once(target.command(victim, start), target.ready_marks, kill_after)
+        problems = target.inspect(victim)
         if outcome.killed:
-            kill = {"kill": len(kills) + 1, "victim": victim.index, "resumed": state == "resume",
-                    "aimed_from": kill_after[0], "delay_seconds": round(kill_after[1], 3),
-                    "seconds_alive": round(outcome.seconds, 3), "charged_queries": victim.charged,
-                    "phase": phase_of(victim, planned), "problems": problems}
+            kill = {"kill": len(kills) + 1, "victim": victim.index, "start": start, "aimed_from": kill_after[0],
+                    "delay_seconds": round(kill_after[1], 3), "seconds_alive": round(outcome.seconds, 3),
+                    "phase": target.phase(victim), "problems": problems}
+            if isinstance(target, TranscribeTarget):
+                kill["charged_queries"] = victim.charged
             kills.append(kill)
             victim.kills.append(kill)
-            logger.info("kill %d/%d: victim %d after %.2f s, %d queries charged%s", len(kills), args.kills,
-                        victim.index, outcome.seconds, victim.charged,
-                        "" if not problems else ": " + "; ".join(problems))
+            logger.info("%s kill %d/%d: victim %d after %.2f s (%s)%s", target.name, len(kills), kills_wanted,
+                        victim.index, outcome.seconds, kill["phase"], "" if not problems else ": " + "; ".join(problems))
         else:
             if outcome.exit_status != 0:
-                failures.append(f"victim {victim.index}: the {state} start exited with {outcome.exit_status}:\n"
-                                f"{outcome.stderr_tail}")
+                failures.append(f"{target.name} {victim.index}: the {start} start exited with {outcome.exit_status}:"
+                                f"\n{outcome.stderr_tail}")
                 for kill in victim.kills:
-                    kill["problems"].append(f"the {state} start after this kill failed")
+                    kill["problems"].append(f"the {start} start after this kill failed")
                 if finishing or len(failures) > 5:
                     break
-            failures += [f"victim {victim.index}: {p}" for p in problems]
+            failures += [f"{target.name} {victim.index}: {p}" for p in problems]
     survived = sum(1 for kill in kills if not kill["problems"])
     phases: dict[str, int] = {}
     for kill in kills:
         phases[kill["phase"]] = phases.get(kill["phase"], 0) + 1
-    return {"target": "transcribe", "attempts": len(kills), "kills_survived": survived, "victims": victims + 1,
-            "kills_by_phase": phases,
-            "reference_seconds": round(total_seconds, 2), "failures": failures, "kills": kills}
+    return {"target": target.name, "attempts": len(kills), "kills_survived": survived, "victims": victims + 1,
+            "kills_by_phase": phases, "reference_seconds": round(total_seconds, 2), "failures": failures,
+            "kills": kills}
 
 
 # ---------------------------------------------------------------- set-up
@@ -483,10 +612,15 @@ def prepare_inputs(args, work: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to land on a live process (default 20)")
+    parser.add_argument("--target", choices=("transcribe", "build", "all"), default="all",
+                        help="what to kill (default: all, one after the other)")
+    parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to land on a live process, per target "
+                                                              "(default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--steps", type=int, default=48,
                         help="iterations of each transcription (default 48, about as long as saving the results)")
+    parser.add_argument("--rows", type=int, default=2000, help="rows of each dataset build (default 2000)")
+    parser.add_argument("--shard-size", type=int, default=200, help="rows per parquet shard (default 200)")
     parser.add_argument("--work-dir", help="folder for runs and ledgers (default: a temporary folder, removed)")
     parser.add_argument("--teacher", help="teacher to transcribe (default: train a tiny one on real MNIST)")
     parser.add_argument("--data", help="data folder with the teacher's test split for evaluation")
@@ -497,41 +631,57 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kills must be >= 1, got {args.kills}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    rng = random.Random(args.seed)
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="synthgen-crash-"))
     work.mkdir(parents=True, exist_ok=True)
+    summaries = []
     try:
         teacher, data = prepare_inputs(args, work)
         settings = transcription_settings(teacher, data, args.steps)
         reference = work / "reference"
         reference.mkdir()
-        config_path = reference / "config.json"
-        config_path.write_text(json.dumps({**settings, "out": str(reference / "run"),
-                                           "ledger": str(reference / "ledger.duckdb")}, indent=2))
+        config = {**settings, "out": str(reference / "run"), "ledger": str(reference / "ledger.duckdb")}
+        (reference / "config.json").write_text(json.dumps(config, indent=2))
         logger.info("running the uninterrupted reference transcription")
-        timing = measure_reference(config_path)
-        logger.info("reference: ledger open after %.1f s, finished after %.1f s", *timing)
-        summary = crash_loop(args, work, settings, reference / "run", timing)
+        transcribe = TranscribeTarget(work, settings, reference / "run")
+        timing = measure_reference(["transcribe", "--config", str(reference / "config.json")], transcribe.ready_marks)
+        logger.info("reference transcription: ledger open after %.1f s, finished after %.1f s", *timing)
+        if args.target in ("transcribe", "all"):
+            summaries.append(crash_loop(transcribe, args.kills, rng, timing))
+        if args.target in ("build", "all"):
+            build = BuildTarget(work, reference / "run", args.rows, args.shard_size, reference / "dataset")
+            logger.info("running the uninterrupted reference build")
+            timing = measure_reference(build.arguments(reference / "dataset"), build.ready_marks)
+            logger.info("reference build: writing shards after %.1f s, finished after %.1f s", *timing)
+            summaries.append(crash_loop(build, args.kills, rng, timing))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    summary["settings"] = {k: v for k, v in settings.items() if k not in ("teacher", "eval_data")}
-    text = json.dumps(summary, indent=2)
+    summary = {"targets": summaries, "settings": {k: v for k, v in settings.items() if k not in ("teacher", "eval_data")}
+               | {"rows": args.rows, "shard_size": args.shard_size}}
     if args.summary:
-        Path(args.summary).write_text(text + "\n")
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
     if not args.no_record:
-        path = write_records("crash", [record(
-            "crash", "kills_survived", summary["kills_survived"], attempts=summary["attempts"], target="transcribe",
+        records = [record(
+            "crash", "kills_survived", result["kills_survived"], attempts=result["attempts"], target=result["target"],
             unit="teacher", mechanism="gaussian", epsilon=settings["epsilon"], delta=settings["delta"],
-            failures=len(summary["failures"]), steps=settings["steps"], kills_by_phase=summary["kills_by_phase"],
-        )], replace_keys=("metric", "target", "unit", "mechanism", "epsilon", "method", "dataset"))
+            failures=len(result["failures"]), kills_by_phase=result["kills_by_phase"],
+            **({"steps": settings["steps"]} if result["target"] == "transcribe" else
+               {"rows": args.rows, "shard_size": args.shard_size}),
+        ) for result in summaries]
+        path = write_records("crash", records,
+                             replace_keys=("metric", "target", "unit", "mechanism", "epsilon", "method", "dataset"))
         logger.info("wrote %s", path)
-    logger.info("kills survived: %d of %d; other failures: %d", summary["kills_survived"], summary["attempts"],
-                len(summary["failures"]))
-    for failure in summary["failures"]:
-        logger.error("%s", failure)
-    print(json.dumps({k: summary[k] for k in ("target", "attempts", "kills_survived", "victims", "kills_by_phase")}))
-    return 0 if summary["kills_survived"] == summary["attempts"] and not summary["failures"] else 1
+    passed = True
+    for result in summaries:
+        logger.info("%s: kills survived %d of %d; other failures: %d", result["target"], result["kills_survived"],
+                    result["attempts"], len(result["failures"]))
+        for failure in result["failures"]:
+            logger.error("%s", failure)
+        passed = passed and result["kills_survived"] == result["attempts"] and not result["failures"]
+        print(json.dumps({k: result[k] for k in ("target", "attempts", "kills_survived", "victims", "kills_by_phase")}))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
