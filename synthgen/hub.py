@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -375,6 +376,9 @@ def push(run_dir: str | os.PathLike, repo_id: str, revision: str | None = None, 
     from huggingface_hub import HfApi
 
     _check_repo_id(repo_id)
+    if revision is not None and (re.fullmatch(r"[0-9a-f]{40}", revision) or not revision.strip()):
+        raise ReleaseError(f"--revision must name a branch to commit to, got {revision!r}; pass a branch name such "
+                           "as v1 (it is created from main if missing)")
     settings = HubSettings.resolve(endpoint=endpoint, token=token)
     if settings.offline:
         raise ReleaseError("HF_HUB_OFFLINE is set: pushing needs the Hub; unset HF_HUB_OFFLINE")

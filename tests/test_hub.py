@@ -335,6 +335,19 @@ def test_private_repository_needs_token(hub, run_dir, repo_id, monkeypatch, cach
     assert cache_listing(cache_dir) == []
 
 
+@pytest.mark.parametrize("repo,revision,message", [
+    ("no-namespace", None, "repository id must be NAMESPACE/NAME"),
+    ("a/b/c", None, "repository id must be NAMESPACE/NAME"),
+    ("tester/bad name", None, "invalid repository id"),
+    ("tester/ok", "0" * 40, "--revision must name a branch"),
+])
+def test_push_rejects_invalid_names(hub, run_dir, repo, revision, message):
+    before = hub.request_count()
+    with pytest.raises(ReleaseError, match=message):
+        push(run_dir, repo, revision=revision)
+    assert hub.request_count() == before
+
+
 def test_private_push_to_public_repository_rejected(hub, run_dir, repo_id):
     push(run_dir, repo_id)
     with pytest.raises(ReleaseError, match="already exists and is public"):
