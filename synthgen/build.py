@@ -3,12 +3,8 @@
 Sampling is post-processing of the DP release (the generator and the student), so a dataset
 costs no privacy and inherits the generator's guarantee.
 
-Determinism: sample i is image i % 256 of block i // 256. The 256 latents of block b come from
-a CPU `torch.Generator` seeded with a hash of (seed, b), and every block is generated whole, so
-row i is the same whatever the shard size, the number of processes, or which rows a shard
-holds. The student labels the 8-bit image that is written, in float64, because float32 logits
-changed in their last bits with the number of CPU threads (torch 2.13 on CPU), which would make
-labels and confidences depend on how many processes share a machine.
+Row i of a dataset is sample i of the generator's stream for the seed (see `synthgen.sampling`),
+so the rows do not depend on the shard size or on the number of processes.
 
 Output folder:
 
@@ -28,7 +24,6 @@ it must be a shared filesystem); the main process writes the card and the manife
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -46,21 +41,16 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .sampling import BLOCK_SIZE, SAMPLER, draw_block, plan_per_class, prepare_pipeline
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "synthgen-dataset/1"
-BLOCK_SIZE = 256  # latents per seeded block; part of the dataset's definition, never change it
 MANIFEST_FILE = "synthgen_dataset.json"
 CARD_FILE = "README.md"
 DATA_DIR = "data"
 STATE_DIR = ".synthgen-build"
 PLAN_FILE = "plan.npz"
-SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a block's latents come from a CPU "
-           "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'); images "
-           "rounded to 8 bits; labels and confidences from the student in float64")
-# Rows a --per-class build may draw before it gives up, per requested row (as DPSDPipeline does).
-MAX_DRAWS_PER_ROW = 100
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
@@ -155,70 +145,6 @@ def check_dataset_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise BuildError(f"invalid dataset repository id {repo_id!r}: {str(error).splitlines()[0]}") from None
-
-
-# ---------------------------------------------------------------- sampling
-
-
-def block_seed(seed: int, block: int) -> int:
-    """Return the torch seed of one block of latents: 63 bits of sha256 over (seed, block)."""
-    digest = hashlib.sha256(f"synthgen-dataset/{seed}/{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def draw_block(pipeline, seed: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate block `block` and label it with the student.
-
-    Returns uint8 pixels (B, C, H, W), int64 labels (B,) and float32 confidences (B,).
-    """
-    import torch
-
-    rng = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
-    output = pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
-    # The pipeline returns multiples of 1/255, so this recovers the exact 8-bit values.
-    pixels = (output.images * 255).round().to(torch.uint8).numpy()  # (B, C, H, W)
-    return pixels, output.labels.numpy().astype(np.int64), output.confidences.numpy().astype(np.float32)
-
-
-def prepare_pipeline(pipeline, device):
-    """Move the pipeline to `device`, with the student in float64 (see the module docstring)."""
-    import torch
-
-    pipeline = pipeline.to(device)
-    pipeline.student.double()  # nn.Module.double: diffusers' ModelMixin.to warns about any dtype cast
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Return the sample indices (and their labels) of the first `per_class` samples of each class.
-
-    Samples are scanned in index order, so the plan depends only on the generator and the seed.
-
-    Raises:
-        BuildError: the generator did not produce enough of some class within
-            MAX_DRAWS_PER_ROW draws per requested row.
-    """
-    num_classes = len(class_names)
-    wanted = per_class * num_classes
-    max_blocks = math.ceil(max(MAX_DRAWS_PER_ROW * wanted, 10 * BLOCK_SIZE) / BLOCK_SIZE)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    indices: list[int] = []
-    labels: list[int] = []
-    for block in range(max_blocks):
-        _, block_labels, _ = draw_block(pipeline, seed, block)
-        for offset, label in enumerate(block_labels.tolist()):
-            if counts[label] < per_class:
-                counts[label] += 1
-                indices.append(block * BLOCK_SIZE + offset)
-                labels.append(label)
-        if (counts >= per_class).all():
-            logger.info("per-class plan: %d rows found among the first %d samples", wanted, (block + 1) * BLOCK_SIZE)
-            return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    missing = {class_names[c]: int(per_class - counts[c]) for c in range(num_classes) if counts[c] < per_class}
-    raise BuildError(f"after {max_blocks * BLOCK_SIZE} generated images the student has not labelled enough of them "
-                     f"as some classes; still missing {missing}. The generator rarely produces these classes: "
-                     "lower --per-class, or use --num-samples")
 
 
 # ---------------------------------------------------------------- shards
@@ -711,18 +637,20 @@ def push_dataset(out: Path, repo_id: str, private: bool = False, manifest: dict 
 def _record_in_catalog(config: BuildConfig, source, out: Path, result: BuildResult, temporary: bool) -> None:
     import duckdb
 
-    from .catalog import Catalog
+    from .catalog import Catalog, CatalogError
 
     try:
         with Catalog(config.catalog) as catalog:
+            ledger = None
             if source.kind == "run":
-                catalog.record_run(source.path)
+                ledger = catalog.record_run(source.path)["ledger"]
             elif source.kind == "hub":
                 catalog.record_release(source.location, source.commit, source.report, revision=source.revision,
                                        card_url=source.card_url)
             catalog.record_dataset(result.manifest, path=None if temporary else out, repo_id=result.repo_id,
                                    commit=result.commit)
-            catalog.sync_ledger(missing_ok=True)
-    except (duckdb.Error, OSError) as error:
+            # The run's own ledger when it names one, else the default ledger.
+            catalog.sync_ledger(ledger, missing_ok=True)
+    except (CatalogError, duckdb.Error, OSError) as error:
         logger.warning("the dataset is complete but was not recorded in the catalog (%s); record it later with "
                        "'synthgen catalog add-dataset %s'", error, out if not temporary else config.push_to_hub)

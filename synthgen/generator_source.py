@@ -18,6 +18,10 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pipeline import DPSDPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ class GeneratorSourceError(ValueError):
 class GeneratorSource:
     """A loaded generator with the facts a dataset records about where it came from."""
 
-    pipeline: "DPSDPipeline"  # noqa: F821
+    pipeline: "DPSDPipeline"
     report: dict
     kind: str  # "hub", "release" (local release or pipeline folder) or "run" (local run folder)
     location: str  # Hub repository id, or the absolute path of the local folder
@@ -100,7 +104,7 @@ def local_digest(folder: Path) -> str:
     return "sha256:" + total.hexdigest()
 
 
-def _load_run_folder(folder: Path) -> "DPSDPipeline":  # noqa: F821
+def _load_run_folder(folder: Path) -> "DPSDPipeline":
     from .models import Classifier, Generator
     from .pipeline import DPSDPipeline
 
@@ -117,8 +121,6 @@ def _load_run_folder(folder: Path) -> "DPSDPipeline":  # noqa: F821
 
 
 def _load_local(path: Path) -> GeneratorSource:
-    from .hub import load_release_folder
-
     folder = path.expanduser().resolve()
     if not folder.is_dir():
         raise GeneratorSourceError(f"generator {path} is a file; give a run, release or pipeline folder")
@@ -126,6 +128,8 @@ def _load_local(path: Path) -> GeneratorSource:
     if (folder / "model_index.json").is_file():
         kind = "release"
         if (folder / "README.md").is_file() and (folder / "samples.png").is_file():
+            from .hub import load_release_folder
+
             pipeline, _ = load_release_folder(folder)
         else:
             # A pipeline saved with save_pretrained plus its privacy report: no card, no samples.

@@ -1,0 +1,89 @@
+"""Deterministic sampling from a DPSDPipeline: sample i of a seed is the same in any process.
+
+Sample i is image i % BLOCK_SIZE of block i // BLOCK_SIZE. The latents of block b come from a
+CPU `torch.Generator` seeded with a hash of (seed, b), and every block is generated whole, so
+sample i does not depend on which other samples a caller asks for, on the shard size, or on the
+number of processes. The student labels the 8-bit image that is returned, in float64: in float32
+its logits changed in the last bits with the number of CPU threads (torch 2.13 on CPU), which
+would make labels and confidences depend on how many processes share a machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 256  # latents per seeded block; part of every dataset's definition, never change it
+SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a block's latents come from a CPU "
+           "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'); images "
+           "rounded to 8 bits; labels and confidences from the student in float64")
+# Samples a per-class plan may draw before it gives up, per requested row (as DPSDPipeline does).
+MAX_DRAWS_PER_ROW = 100
+
+
+class SamplingError(ValueError):
+    """The generator cannot produce what was requested; the message says what to change."""
+
+
+def block_seed(seed: int, block: int) -> int:
+    """Return the torch seed of one block of latents: 63 bits of sha256 over (seed, block)."""
+    digest = hashlib.sha256(f"synthgen-dataset/{seed}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def draw_block(pipeline, seed: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generate block `block` and label it with the student.
+
+    Returns uint8 pixels (B, C, H, W), int64 labels (B,) and float32 confidences (B,).
+    """
+    import torch
+
+    rng = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
+    output = pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
+    # The pipeline returns multiples of 1/255, so this recovers the exact 8-bit values.
+    pixels = (output.images * 255).round().to(torch.uint8).numpy()  # (B, C, H, W)
+    return pixels, output.labels.numpy().astype(np.int64), output.confidences.numpy().astype(np.float32)
+
+
+def prepare_pipeline(pipeline, device):
+    """Move the pipeline to `device`, with the student in float64 (see the module docstring)."""
+    pipeline = pipeline.to(device)
+    pipeline.student.double()  # nn.Module.double: diffusers' ModelMixin.to warns about any dtype cast
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the sample indices (and their labels) of the first `per_class` samples of each class.
+
+    Samples are scanned in index order, so the plan depends only on the generator and the seed.
+
+    Raises:
+        SamplingError: the generator did not produce enough of some class within
+            MAX_DRAWS_PER_ROW draws per requested row.
+    """
+    num_classes = len(class_names)
+    wanted = per_class * num_classes
+    max_blocks = math.ceil(max(MAX_DRAWS_PER_ROW * wanted, 10 * BLOCK_SIZE) / BLOCK_SIZE)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    indices: list[int] = []
+    labels: list[int] = []
+    for block in range(max_blocks):
+        _, block_labels, _ = draw_block(pipeline, seed, block)
+        for offset, label in enumerate(block_labels.tolist()):
+            if counts[label] < per_class:
+                counts[label] += 1
+                indices.append(block * BLOCK_SIZE + offset)
+                labels.append(label)
+        if (counts >= per_class).all():
+            logger.info("per-class plan: %d rows found among the first %d samples", wanted, (block + 1) * BLOCK_SIZE)
+            return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    missing = {class_names[c]: int(per_class - counts[c]) for c in range(num_classes) if counts[c] < per_class}
+    raise SamplingError(f"after {max_blocks * BLOCK_SIZE} generated images the student has not labelled enough of "
+                        f"them as some classes; still missing {missing}. The generator rarely produces these "
+                        "classes: lower --per-class, or use --num-samples")

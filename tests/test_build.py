@@ -1,0 +1,450 @@
+"""The synthetic dataset builder on a real tiny transcription run: loading, labels, determinism
+across shard sizes and processes, resumption after SIGKILL, the card, the Hub, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from synthgen.build import MANIFEST_FILE, BuildError, build_dataset
+from synthgen.cli import main
+from synthgen.sampling import BLOCK_SIZE, SamplingError, block_seed
+
+from .dataset_builds import (
+    ROOT, SCRIPT, build, decode_images, free_port, point_client_at, read_rows, spread_label_release, with_report_changes,
+    without_report,
+)
+from .release_runs import release_run
+
+ROWS = 600  # three blocks of latents, the last one partial
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture(autouse=True)
+def _catalog_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "default-catalog.duckdb"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_teacher, mnist_small, tmp_path_factory):
+    return release_run("gaussian", small_teacher, mnist_small, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir, tmp_path_factory):
+    """The dataset of ROWS rows, seed 0, in shards of 256 rows, built in this process."""
+    out = tmp_path_factory.mktemp("reference") / "dataset"
+    build(run_dir, out, num_samples=ROWS, shard_size=256)
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(run_dir):
+    from synthgen.models import Classifier
+
+    return Classifier.from_pretrained(run_dir / "student").double().eval()
+
+
+def subprocess_env(tmp_path) -> dict:
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
+               SYNTHGEN_CATALOG=str(tmp_path / "catalog.duckdb"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+def same_rows(left, right) -> None:
+    assert left.num_rows == right.num_rows
+    for name in ("sample_index", "label", "confidence", "seed", "generator", "generator_commit"):
+        assert left.column(name).to_pylist() == right.column(name).to_pylist(), name
+    assert left.column("image").to_pylist() == right.column("image").to_pylist()
+
+
+# ---------------------------------------------------------------- what a build contains
+
+
+def test_build_loads_with_datasets_parquet(reference, run_dir, tmp_path):
+    from datasets import ClassLabel, Image, load_dataset
+
+    files = sorted(str(path) for path in (reference / "data").glob("*.parquet"))
+    dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "datasets"))
+    assert len(dataset) == ROWS
+    assert isinstance(dataset.features["image"], Image)
+    assert isinstance(dataset.features["label"], ClassLabel)
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert dataset.features["label"].names == report["public_facts"]["class_names"]
+    assert set(dataset.column_names) == {"image", "label", "generator", "generator_commit", "seed", "sample_index",
+                                         "confidence"}
+    picture = dataset[0]["image"]
+    assert picture.mode == "L"
+    assert picture.size == (28, 28)
+
+
+def test_build_writes_shards_of_shard_size(reference):
+    files = sorted((reference / "data").glob("*.parquet"))
+    assert [path.name for path in files] == [f"train-0000{k}-of-00003.parquet" for k in range(3)]
+    assert [pq.read_metadata(path).num_rows for path in files] == [256, 256, 88]
+    manifest = json.loads((reference / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is True
+    assert manifest["rows"] == ROWS
+    assert sum(manifest["label_counts"]) == ROWS
+
+
+def test_labels_equal_student_predictions(reference, student):
+    rows = read_rows(reference)
+    images = decode_images(rows)
+    assert images.shape == (ROWS, 1, 28, 28)
+    with torch.no_grad():
+        probabilities = torch.softmax(student(torch.from_numpy(images).double() / 255).float(), dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    assert rows.column("label").to_pylist() == predicted.tolist()
+    np.testing.assert_allclose(rows.column("confidence").to_numpy(), confidence.numpy(), rtol=1e-6)
+
+
+def test_images_come_from_per_block_latents(reference, run_dir):
+    from synthgen.models import Generator
+
+    generator = Generator.from_pretrained(run_dir / "generator").eval()
+    latents = torch.randn(BLOCK_SIZE, generator.config.latent_dim,
+                          generator=torch.Generator().manual_seed(block_seed(0, 1)))
+    with torch.no_grad():
+        expected = (generator(latents).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    rows = read_rows(reference)
+    images = decode_images(rows.slice(BLOCK_SIZE, BLOCK_SIZE))
+    assert rows.column("sample_index").to_pylist() == list(range(ROWS))
+    np.testing.assert_array_equal(images, expected)
+
+
+def test_card_has_hub_yaml_and_privacy_section(reference, run_dir):
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard((reference / "README.md").read_text())
+    metadata = card.data.to_dict()
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert metadata["task_categories"] == ["image-classification"]
+    assert metadata["size_categories"] == ["n<1K"]
+    assert metadata["annotations_creators"] == ["machine-generated"]
+    assert metadata["source_datasets"] == ["original"]
+    assert metadata["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
+    privacy = metadata["differential_privacy"]
+    assert privacy["unit"] == report["unit"]
+    assert privacy["epsilon"] == report["epsilon"]
+    assert privacy["delta"] == report["delta"]
+    section = card.text.split("## Privacy Considerations", 1)[1].split("\n## ", 1)[0]
+    assert f"{report['epsilon']:.4g}" in section
+    assert f"{report['delta']:g}" in section
+    assert "teacher level" in section
+    assert (run_dir / "privacy_report.json").resolve().as_uri() in section
+    assert "Sampling added no privacy cost" in section
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_shard_size_does_not_change_rows(reference, run_dir, tmp_path):
+    build(run_dir, tmp_path / "shards", num_samples=ROWS, shard_size=97)
+    same_rows(read_rows(tmp_path / "shards"), read_rows(reference))
+
+
+def test_fewer_rows_are_a_prefix(reference, run_dir, tmp_path):
+    build(run_dir, tmp_path / "prefix", num_samples=300, shard_size=300)
+    same_rows(read_rows(tmp_path / "prefix"), read_rows(reference).slice(0, 300))
+
+
+def test_other_seed_gives_other_images(reference, run_dir, tmp_path):
+    build(run_dir, tmp_path / "seed1", num_samples=20, seed=1)
+    other = read_rows(tmp_path / "seed1")
+    assert other.column("image").to_pylist() != read_rows(reference).slice(0, 20).column("image").to_pylist()
+    assert set(other.column("seed").to_pylist()) == {1}
+
+
+def test_torchrun_two_processes_equal_one(reference, run_dir, tmp_path):
+    out = tmp_path / "torchrun"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    completed = subprocess.run(
+        [*torchrun, str(SCRIPT), str(run_dir), "--num-samples", str(ROWS), "--shard-size", "128", "--out", str(out),
+         "--device", "cpu", "--no-catalog"],
+        env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "process 0 of 2: 3 shards to write" in completed.stderr
+    assert "process 1 of 2: 2 shards to write" in completed.stderr
+    same_rows(read_rows(out), read_rows(reference))
+    assert json.loads((out / MANIFEST_FILE).read_text())["complete"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, processes", [("--cpu", 1), ("--multi_gpu", 2)])
+def test_accelerate_launch_equals_one_process(reference, run_dir, tmp_path, mode, processes):
+    # NOTE: accelerate 1.16 starts a single process for 'launch --cpu --num_processes 2' unless an
+    # MPI hostfile is configured; '--multi_gpu' starts two through torchrun, also without a GPU.
+    out = tmp_path / "accelerate"
+    command = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+               str(SCRIPT), str(run_dir), "--num-samples", str(ROWS), "--shard-size", "200", "--out", str(out),
+               "--device", "cpu", "--no-catalog"]
+    completed = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"process 0 of {processes}:" in completed.stderr
+    same_rows(read_rows(out), read_rows(reference))
+
+
+def test_killed_build_resumes_to_same_rows(reference, run_dir, tmp_path):
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(run_dir), "--num-samples", str(ROWS), "--shard-size", "8", "--out",
+             str(out), "--device", "cpu", "--threads", "1", "--no-catalog"],
+            env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=handle)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "data").glob("*.parquet"))) < 3 and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is False
+    assert not (out / "README.md").exists()
+    finished = sorted((out / "data").glob("*.parquet"))
+    assert 3 <= len(finished) < manifest["shards"]
+    for path in finished:
+        assert pq.read_metadata(path).num_rows == 8, path.name
+
+    with pytest.raises(BuildError, match="--resume"):
+        build(run_dir, out, num_samples=ROWS, shard_size=8)
+    result = build(run_dir, out, num_samples=ROWS, shard_size=8, resume=True)
+    assert result.shards_written == manifest["shards"] - len(finished)
+    assert not list((out / "data").glob(".*"))
+    same_rows(read_rows(out), read_rows(reference))
+    assert json.loads((out / MANIFEST_FILE).read_text())["complete"] is True
+
+
+def test_resume_of_complete_build_writes_nothing(reference, run_dir, tmp_path):
+    out = tmp_path / "complete"
+    build(run_dir, out, num_samples=100, shard_size=50)
+    before = {path.name: path.stat().st_mtime_ns for path in (out / "data").iterdir()}
+    result = build(run_dir, out, num_samples=100, shard_size=50, resume=True)
+    assert result.shards_written == 0
+    assert {path.name: path.stat().st_mtime_ns for path in (out / "data").iterdir()} == before
+
+
+# ---------------------------------------------------------------- rows per class
+
+
+@pytest.fixture(scope="module")
+def spread_release(run_dir, tmp_path_factory):
+    return spread_label_release(run_dir, tmp_path_factory.mktemp("spread") / "release")
+
+
+def test_per_class_takes_first_samples_of_each_class(spread_release, tmp_path):
+    from synthgen.generator_source import load_generator
+    from synthgen.sampling import draw_block, prepare_pipeline
+
+    per_class = 3
+    build(spread_release, tmp_path / "a", per_class=per_class, shard_size=4)
+    build(spread_release, tmp_path / "b", per_class=per_class, shard_size=30)
+    rows = read_rows(tmp_path / "a")
+    same_rows(rows, read_rows(tmp_path / "b"))
+
+    labels = np.asarray(rows.column("label").to_pylist())
+    assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
+    # Brute force: the first `per_class` sample indices of every class, scanning the stream.
+    pipeline = prepare_pipeline(load_generator(str(spread_release)).pipeline, torch.device("cpu"))
+    expected, block = [], 0
+    counts = np.zeros(10, dtype=int)
+    while counts.min() < per_class:
+        _, block_labels, _ = draw_block(pipeline, 0, block)
+        for offset, label in enumerate(block_labels):
+            if counts[label] < per_class:
+                counts[label] += 1
+                expected.append(block * BLOCK_SIZE + offset)
+        block += 1
+    assert rows.column("sample_index").to_pylist() == sorted(expected)
+
+
+def test_per_class_missing_class_is_rejected(run_dir, tmp_path):
+    out = tmp_path / "per-class"
+    with pytest.raises(SamplingError, match="still missing"):
+        build(run_dir, out, per_class=1)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- the Hub
+
+
+@pytest.fixture(scope="module")
+def local_hub():
+    from .hub_server import LocalHub
+
+    with LocalHub(valid_tokens={TOKEN}) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(local_hub, monkeypatch, tmp_path):
+    point_client_at(monkeypatch, local_hub.url, TOKEN, tmp_path / "hf-home" / "hub", tmp_path / "agents.json")
+    return local_hub
+
+
+def test_hub_generator_to_hub_dataset_round_trip(hub, run_dir, reference, tmp_path):
+    from datasets import ClassLabel, load_dataset
+
+    from synthgen.catalog import Catalog
+    from synthgen.hub import push
+
+    pushed = push(run_dir, "tester/generator", revision="v1")
+    catalog = tmp_path / "catalog.duckdb"
+    result = build("tester/generator", tmp_path / "local", catalog=str(catalog), revision="v1", num_samples=ROWS,
+                   shard_size=256, push_to_hub="tester/synthetic")
+    assert result.repo_id == "tester/synthetic"
+
+    dataset = load_dataset("tester/synthetic", split="train", cache_dir=str(tmp_path / "datasets"))
+    assert len(dataset) == ROWS
+    assert isinstance(dataset.features["label"], ClassLabel)
+    assert set(dataset["generator"]) == {"tester/generator"}
+    assert set(dataset["generator_commit"]) == {pushed.commit}
+    local = read_rows(reference)
+    assert dataset["sample_index"] == local.column("sample_index").to_pylist()
+    assert dataset["label"] == local.column("label").to_pylist()
+    assert np.asarray(dataset[5]["image"]).tolist() == decode_images(local.slice(5, 1))[0, 0].tolist()
+
+    repo = hub.state.repos[("dataset", "tester/synthetic")]
+    files = sorted(repo.resolve("main").files)
+    assert files == sorted([".gitattributes", "README.md", MANIFEST_FILE, "data/train-00000-of-00003.parquet",
+                            "data/train-00001-of-00003.parquet", "data/train-00002-of-00003.parquet"])
+    card = repo.resolve("main").files["README.md"].content.decode()
+    assert f"{hub.url}/tester/generator/blob/{pushed.commit}/README.md" in card
+    with Catalog(catalog) as opened:
+        row = opened.sql("SELECT * FROM dataset_provenance").iloc[0]
+        assert row["repo_id"] == "tester/synthetic"
+        assert row["generator"] == "tester/generator"
+        assert opened.sql("SELECT commit FROM releases")["commit"].tolist() == [pushed.commit]
+
+
+def test_missing_revision_is_rejected(hub, run_dir, tmp_path, caplog):
+    from synthgen.hub import push
+
+    push(run_dir, "tester/generator-2")
+    out = tmp_path / "out"
+    code = main(["build-dataset", "tester/generator-2", "--revision", "no-such-branch", "--num-samples", "10",
+                 "--out", str(out), "--no-catalog"])
+    assert code == 2
+    assert "no-such-branch" in caplog.text
+    assert not out.exists()
+
+
+def test_push_of_local_generator_is_rejected(hub, run_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="published on the Hub"):
+        build(run_dir, out, num_samples=10, push_to_hub="tester/from-local")
+    assert not out.exists()
+    assert ("dataset", "tester/from-local") not in hub.state.repos
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def run_cli(args, caplog) -> tuple[int, str]:
+    caplog.clear()
+    code = main(["build-dataset", *args, "--no-catalog", "--device", "cpu"])
+    return code, caplog.text
+
+
+def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "not empty" in message and "--overwrite" in message
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    code, _ = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out), "--overwrite"], caplog)
+    assert code == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == 10
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num-samples", "0"], "--num-samples must be an integer >= 1"),
+    (["--num-samples", "-5"], "--num-samples must be an integer >= 1"),
+    (["--per-class", "0"], "--per-class must be an integer >= 1"),
+    (["--num-samples", "10", "--shard-size", "0"], "--shard-size must be an integer >= 1"),
+    (["--num-samples", "10", "--shard-size", "-1"], "--shard-size must be an integer >= 1"),
+    (["--num-samples", "10", "--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--num-samples", "10", "--split", "../escape"], "--split must be a plain name"),
+    (["--num-samples", "10", "--split", "a/b"], "--split must be a plain name"),
+    (["--num-samples", "10", "--push-to-hub", "tester/../escape"], "dataset repository NAMESPACE/NAME"),
+    (["--num-samples", "10", "--push-to-hub", "tester/..escape"], "invalid dataset repository id"),
+])
+def test_bad_sizes_and_names_are_rejected(run_dir, tmp_path, caplog, args, expected):
+    out = tmp_path / "out"
+    code, message = run_cli([str(run_dir), *args, "--out", str(out)], caplog)
+    assert code == 2
+    assert expected in message
+    assert not out.exists()
+    assert not list(tmp_path.rglob("*escape*"))
+
+
+def test_generator_without_report_is_rejected(run_dir, tmp_path, caplog):
+    generator = without_report(run_dir, tmp_path / "no-report")
+    out = tmp_path / "out"
+    code, message = run_cli([str(generator), "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "privacy_report.json" in message
+    assert not out.exists()
+
+
+def test_non_private_generator_is_rejected(run_dir, tmp_path, caplog):
+    generator = with_report_changes(run_dir, tmp_path / "not-private", private=False, unit=None)
+    out = tmp_path / "out"
+    code, message = run_cli([str(generator), "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "not differentially private" in message
+    assert not out.exists()
+
+
+def test_missing_generator_is_rejected(tmp_path, caplog):
+    out = tmp_path / "out"
+    code, message = run_cli([str(tmp_path / "nowhere"), "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "not found" in message
+    assert not out.exists()
+
+
+def test_offline_missing_revision_is_rejected(tmp_path, caplog):
+    out = tmp_path / "out"
+    code, message = run_cli(["tester/not-cached", "--revision", "v9", "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "not in the cache" in message
+    assert not out.exists()
+
+
+def test_resume_with_other_settings_is_rejected(run_dir, tmp_path):
+    out = tmp_path / "out"
+    build(run_dir, out, num_samples=20, shard_size=10)
+    with pytest.raises(BuildError, match="seed: 0 then, 3 now"):
+        build(run_dir, out, num_samples=20, shard_size=10, seed=3, resume=True)
+    assert json.loads((out / MANIFEST_FILE).read_text())["settings"]["seed"] == 0
+
+
+def test_missing_size_is_rejected_by_parser(run_dir, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        main(["build-dataset", str(run_dir), "--out", str(tmp_path / "out")])
+    assert raised.value.code == 2
+
+
+def test_build_dataset_api_rejects_both_sizes(run_dir, tmp_path):
+    from synthgen.build import BuildConfig
+
+    with pytest.raises(BuildError, match="exactly one of"):
+        build_dataset(BuildConfig(generator=str(run_dir), out=str(tmp_path / "x"), num_samples=5, per_class=5))
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,165 @@
+"""Train-on-synthetic evaluation: a fixed classifier trained on a dataset alone, the epoch chosen
+on a synthetic validation split, real test accuracy recorded in the catalog and result records."""
+
+import json
+
+import numpy as np
+import pytest
+
+from synthgen.catalog import Catalog
+from synthgen.cli import main
+from synthgen.data import load_image_data
+from synthgen.evaluate import EvaluateConfig, EvaluationError, evaluate_synthetic
+
+from .conftest import write_idx
+from .dataset_builds import build, read_rows
+from .release_runs import release_run
+
+
+@pytest.fixture(autouse=True)
+def _catalog_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "default-catalog.duckdb"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_teacher, mnist_small, tmp_path_factory):
+    return release_run("gaussian", small_teacher, mnist_small, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def synthetic(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate") / "synthetic"
+    build(run_dir, out, num_samples=200, shard_size=100)
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled_parquet(mnist_small, tmp_path_factory):
+    """The real small training split as one parquet file: a stand-in for useful synthetic data."""
+    path = tmp_path_factory.mktemp("parquet") / "train.parquet"
+    load_image_data(mnist_small, "train").to_dataset().to_parquet(str(path))
+    return path
+
+
+def config(dataset, real_test, **changes) -> EvaluateConfig:
+    values = dict(dataset=str(dataset), real_test=str(real_test), epochs=2, results="", record=False, device="cpu")
+    values.update(changes)
+    return EvaluateConfig(**values)
+
+
+def test_learns_from_informative_labels(labelled_parquet, mnist_small):
+    result = evaluate_synthetic(config(labelled_parquet, mnist_small))
+    assert result.train_rows == 540
+    assert result.validation_rows == 60
+    assert result.test_rows == 300
+    assert result.test_accuracy > 50.0  # chance is 10 %
+
+
+def test_single_label_dataset_scores_class_frequency(synthetic, mnist_small):
+    labels = set(read_rows(synthetic).column("label").to_pylist())
+    assert len(labels) == 1, f"the tiny run's student should label every sample alike, got {labels}"
+    (label,) = labels
+    real = load_image_data(mnist_small, "test")
+    result = evaluate_synthetic(config(synthetic, mnist_small, epochs=1))
+    assert result.test_accuracy == pytest.approx(100.0 * np.mean(real.labels == label))
+
+
+def test_selection_ignores_test_labels(labelled_parquet, mnist_small, tmp_path):
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    test = load_image_data(mnist_small, "test")
+    write_idx(shuffled / "t10k-images-idx3-ubyte", test.images[:, 0])
+    write_idx(shuffled / "t10k-labels-idx1-ubyte", ((test.labels + 1) % 10).astype("uint8"))
+    write_idx(shuffled / "train-images-idx3-ubyte", test.images[:1, 0])  # the loader looks for a train file
+    write_idx(shuffled / "train-labels-idx1-ubyte", test.labels[:1].astype("uint8"))
+
+    true_labels = evaluate_synthetic(config(labelled_parquet, mnist_small))
+    wrong_labels = evaluate_synthetic(config(labelled_parquet, shuffled))
+    for left, right in zip(true_labels.per_seed, wrong_labels.per_seed):
+        assert left["selected_epoch"] == right["selected_epoch"]
+        assert left["validation_accuracy"] == right["validation_accuracy"]
+    assert wrong_labels.test_accuracy < true_labels.test_accuracy
+
+
+def test_seeds_give_mean_and_spread(labelled_parquet, mnist_small):
+    result = evaluate_synthetic(config(labelled_parquet, mnist_small, epochs=1, seeds=2, limit=200))
+    values = [entry["test_accuracy"] for entry in result.per_seed]
+    assert [entry["seed"] for entry in result.per_seed] == [0, 1]
+    assert result.test_accuracy == pytest.approx(np.mean(values))
+    assert result.test_accuracy_std == pytest.approx(np.std(values, ddof=1))
+
+
+def test_cli_records_catalog_and_results(synthetic, run_dir, mnist_small, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    catalog = tmp_path / "catalog.duckdb"
+    args = ["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--epochs", "1",
+            "--results", str(results), "--catalog", str(catalog), "--dataset-name", "mnist-small", "--device", "cpu"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert main(args) == 0  # a second run replaces the record instead of adding one
+    capsys.readouterr()
+
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    records = json.loads(results.read_text())
+    assert len(records) == 1
+    record = records[0]
+    assert record["benchmark"] == "synthetic_utility"
+    assert record["metric"] == "synthetic_accuracy"
+    assert record["dataset"] == "mnist-small"
+    assert record["value"] == pytest.approx(printed["test_accuracy"])
+    assert record["unit"] == report["unit"]
+    assert record["epsilon"] == report["epsilon"]
+    assert record["delta"] == report["delta"]
+    assert record["mechanism"] == report["mechanism"]["name"]
+    assert record["seeds"] == 1
+    assert record["spread"] is None
+    for field in ("commit", "hardware", "command", "date", "method"):
+        assert record[field], field
+    with Catalog(catalog) as opened:
+        rows = opened.sql("SELECT dataset_id, test_accuracy, epsilon FROM evaluations")
+    assert len(rows) == 2
+    assert set(rows["dataset_id"]) == {str(synthetic.resolve())}
+    assert rows["test_accuracy"].tolist() == pytest.approx([printed["test_accuracy"]] * 2)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["--validation-fraction", "1.5"], "--validation-fraction must be in (0, 1)"),
+    (["--limit", "1"], "--limit must be an integer >= 2"),
+])
+def test_cli_bad_settings_exit_2(synthetic, mnist_small, tmp_path, caplog, args, expected):
+    code = main(["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--results", "",
+                 "--no-catalog", *args])
+    assert code == 2
+    assert expected in caplog.text
+
+
+def test_missing_dataset_exit_2(mnist_small, tmp_path, caplog):
+    code = main(["evaluate", "synthetic", str(tmp_path / "none"), "--real-test", str(mnist_small), "--results", "",
+                 "--no-catalog"])
+    assert code == 2
+    assert "not found" in caplog.text
+
+
+def test_class_count_mismatch_is_rejected(labelled_parquet, tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    real = tmp_path / "five-classes.parquet"
+    pictures = [np.zeros((28, 28), dtype=np.uint8)] * 5
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(5)])})
+    Dataset.from_dict({"image": pictures, "label": list(range(5))}, features=features).to_parquet(str(real))
+    with pytest.raises(EvaluationError, match="10 classes but the real test data has 5"):
+        evaluate_synthetic(config(labelled_parquet, real, real_split="train"))
+
+
+def test_unfinished_build_is_rejected(synthetic, mnist_small, tmp_path):
+    import shutil
+
+    copy = tmp_path / "unfinished"
+    shutil.copytree(synthetic, copy)
+    manifest = json.loads((copy / "synthgen_dataset.json").read_text())
+    manifest["complete"] = False
+    (copy / "synthgen_dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvaluationError, match="not complete"):
+        evaluate_synthetic(config(copy, mnist_small))
