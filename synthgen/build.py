@@ -16,9 +16,10 @@ Output folder:
 A shard is written under a temporary name and renamed when complete, so a shard with its final
 name is always whole. An interrupted build continues with --resume and skips complete shards.
 
-Scale-out: under `torchrun` or `accelerate launch` every process builds the shards whose index
-modulo the number of processes equals its rank, into the same output folder (on several nodes
-it must be a shared filesystem); the main process writes the card and the manifest at the end.
+Scale-out: under `torchrun` or `accelerate launch`, every process builds the shards whose index
+modulo the number of processes equals its rank, into the same output folder. On several nodes
+that folder must be on a shared filesystem. The main process writes the card and the manifest
+at the end.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from .sampling import BLOCK_SIZE, SAMPLER, draw_block, plan_per_class, prepare_pipeline
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 
 
 class BuildError(ValueError):
-    """The dataset cannot be built as requested; the message says why and what to do."""
+    """The dataset cannot be built as requested; the message states why and what to do."""
 
 
 @dataclass
@@ -235,12 +236,6 @@ def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance:
         raise
 
 
-def _sweep_temporaries(folder: Path) -> None:
-    """Remove shards that a killed process left under a temporary name."""
-    for entry in folder.glob(".*.tmp") if folder.is_dir() else []:
-        entry.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- the output folder
 
 
@@ -275,7 +270,7 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
     """
     if out.exists() and not out.is_dir():
         raise BuildError(f"output path {out} is a file; give a folder with --out")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not [entry for entry in out.iterdir() if not _is_temporary(entry)]:
         return "fresh"
     if config.overwrite:
         return "overwrite"
@@ -286,7 +281,7 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
         raise BuildError(f"output folder {out} is not empty{hint}. Pass --overwrite to replace the dataset files in "
                          "it, or choose an empty or new folder")
     if manifest is None:
-        raise BuildError(f"--resume was given but {out} contains no {MANIFEST_FILE}, so it holds no synthgen build to "
+        raise BuildError(f"--resume was given but {out} contains no {MANIFEST_FILE}, so there is no synthgen build to "
                          "continue; choose an empty folder or pass --overwrite")
     previous = manifest.get("settings") or {}
     changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
@@ -296,6 +291,11 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
                          "settings (a Hub branch that moved needs --revision with the earlier commit), or pass "
                          "--overwrite")
     return "complete" if manifest.get("complete") else "resume"
+
+
+def _is_temporary(entry: Path) -> bool:
+    """Return whether `entry` is a temporary file that a killed atomic write left behind."""
+    return entry.name.startswith(".") and entry.name.endswith(".tmp")
 
 
 def _clear_dataset_files(out: Path) -> None:
@@ -435,7 +435,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     if config.push_to_hub:
         _check_push_possible(config.push_to_hub)
 
-    # 1. load the generator (the main process first, so that only it downloads a Hub release)
+    # 1. load the generator, the main process first, so that two pulls never install one snapshot at once
     with state.main_process_first():
         source = load_generator(config.generator, config.revision)
     if config.push_to_hub and source.kind != "hub":
@@ -446,7 +446,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     pipeline = prepare_pipeline(source.pipeline, device)
     settings = _settings(config, source)
 
-    # 2. decide what to do with the output folder; nothing is written before every process has checked it
+    # 2. decide what to do with the output folder. Nothing is written before every process has checked it.
     temporary_out = None
     if config.out:
         out = Path(config.out).expanduser().resolve()
@@ -468,7 +468,8 @@ def _build_in(out: Path, action: str, config: BuildConfig, source, pipeline, set
     data_dir = out / DATA_DIR
     plan_path = out / STATE_DIR / PLAN_FILE
 
-    # 3. the main process plans the rows and lays out the folder
+    # 3. the main process plans the rows and lays out the folder. The manifest comes first, so
+    # that a folder killed at any later point can be resumed, and a missing plan is made again.
     if state.is_main_process and action != "complete":
         planned = None
         if config.per_class is not None and not (action == "resume" and plan_path.is_file()):
@@ -476,15 +477,15 @@ def _build_in(out: Path, action: str, config: BuildConfig, source, pipeline, set
         if action == "overwrite":
             logger.info("--overwrite: removing the dataset files of %s", out)
             _clear_dataset_files(out)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        _sweep_temporaries(data_dir)
-        if planned is not None:
-            buffer = _npz_bytes(indices=planned[0], labels=planned[1])
-            atomic_write_bytes(plan_path, buffer)
+        sweep_stale_temporaries(out)
         if action != "resume":
             rows = config.num_samples if config.num_samples is not None else config.per_class * len(class_names)
             atomic_write_json(out / MANIFEST_FILE, _new_manifest(config, source, settings, rows,
                                                                  math.ceil(rows / config.shard_size)))
+        if planned is not None:
+            atomic_write_bytes(plan_path, _npz_bytes(indices=planned[0], labels=planned[1]))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(data_dir)
     state.wait_for_everyone()
 
     # 4. every process writes its own shards
@@ -617,7 +618,7 @@ def push_dataset(out: Path, repo_id: str, private: bool = False, manifest: dict 
 
     manifest = manifest or _read_manifest(out)
     if not manifest or not manifest.get("complete"):
-        raise BuildError(f"{out} holds no complete dataset; finish the build before pushing it")
+        raise BuildError(f"{out} contains no complete dataset; finish the build (--resume) before pushing it")
     settings = HubSettings.resolve()
     api = HfApi(endpoint=settings.endpoint, token=settings.token)
     privacy = manifest["privacy"]
@@ -625,8 +626,8 @@ def push_dataset(out: Path, repo_id: str, private: bool = False, manifest: dict 
                f"{privacy['unit']}-level ({privacy['epsilon']:.4g}, {privacy['delta']:g})-DP")
     with _hub_errors(settings.endpoint, repo_id, "pushing"):
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        # delete_patterns="*" drops files of an earlier version that this one lacks (the Hub
-        # keeps .gitattributes), so the commit holds exactly this dataset.
+        # delete_patterns="*" deletes files of an earlier version that this one lacks, so the
+        # commit contains exactly this dataset (the Hub keeps .gitattributes).
         commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(out),
                                    allow_patterns=[CARD_FILE, MANIFEST_FILE, f"{DATA_DIR}/*.parquet"],
                                    delete_patterns="*", commit_message=message)

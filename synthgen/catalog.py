@@ -172,7 +172,7 @@ _ROW_COLUMNS = "label, generator, generator_commit, seed, sample_index, confiden
 
 
 class CatalogError(ValueError):
-    """A catalog operation failed; the message says why and what to do."""
+    """A catalog operation failed; the message states why and what to do."""
 
 
 def default_catalog_path() -> Path:

@@ -1,9 +1,9 @@
 """The card of a synthetic dataset: Hub YAML metadata plus a Markdown body from cards/.
 
 The YAML carries the Hub's dataset fields (task, size category, annotation creators, source),
-the data files of the split, and the generator's privacy facts; the body is rendered from
-`cards/dataset_card.md.jinja` and restates the generator's guarantee in its Privacy
-Considerations section.
+the data files of the split, and the generator's privacy facts. The body is rendered from
+`cards/dataset_card.md.jinja`, and its Privacy Considerations section restates the generator's
+guarantee.
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ def _add_build(commands) -> None:
                        help="a run folder from 'synthgen transcribe', a release or pipeline folder, or a Hub "
                             "repository NAMESPACE/NAME")
     build.add_argument("--revision", help="branch, tag or commit of a Hub generator (default main)")
+
     size = build.add_mutually_exclusive_group(required=True)
     size.add_argument("--num-samples", type=_integer, help="number of rows (images)")
     size.add_argument("--per-class", type=_integer,
@@ -138,6 +139,7 @@ def _add_build(commands) -> None:
                        help="seed of the latents, 0 to 2**63-1 (default 0); the same seed gives the same rows")
     build.add_argument("--shard-size", type=_integer, default=10_000,
                        help="rows per parquet shard (default 10000); rows do not depend on it")
+
     build.add_argument("--out", help="output folder (new or empty, or see --resume and --overwrite)")
     build.add_argument("--push-to-hub", metavar="REPO",
                        help="also upload the dataset to this Hub dataset repository NAMESPACE/NAME (the generator "
@@ -150,6 +152,7 @@ def _add_build(commands) -> None:
                        help="write into a non-empty --out, removing the dataset files of an earlier build there")
     build.add_argument("--resume", action="store_true",
                        help="continue an interrupted build in --out with the same settings, skipping complete shards")
+
     build.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     build.add_argument("--threads", type=_integer, help="torch CPU threads per process (default: torch's)")
     build.add_argument("--catalog", help="catalog file (default $SYNTHGEN_CATALOG or "
@@ -196,6 +199,7 @@ def _add_evaluate(commands) -> None:
     synthetic.add_argument("--split", default="train", help="split of the synthetic dataset (default train)")
     synthetic.add_argument("--real-split", default="test", help="split of the real data to score (default test)")
     synthetic.add_argument("--revision", help="revision of a Hub dataset")
+
     synthetic.add_argument("--epochs", type=_integer, default=10, help="training epochs (default 10)")
     synthetic.add_argument("--batch-size", type=_integer, default=128, help="batch size (default 128)")
     synthetic.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
@@ -205,7 +209,8 @@ def _add_evaluate(commands) -> None:
     synthetic.add_argument("--seeds", type=_integer, default=1,
                            help="classifiers to train, with seeds SEED, SEED+1, ...; reports mean and std (default 1)")
     synthetic.add_argument("--limit", type=_integer, help="use only the first N synthetic rows")
-    synthetic.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+
+    synthetic.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'")
     synthetic.add_argument("--dataset-name", help="name of the real data in the result record (default: the "
                                                   "--real-test folder name)")
     synthetic.add_argument("--results", help="result records file to add to (default "

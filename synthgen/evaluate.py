@@ -1,8 +1,8 @@
 """Utility of a synthetic dataset: train a fixed classifier on it alone, score it on real test data.
 
-Protocol (the one DPImageBench uses): the classifier sees only synthetic rows. A validation split
-drawn from the synthetic rows selects the epoch; the real test split is scored once per seed,
-after selection, and never influences training or selection. The real test accuracy is
+Protocol: the classifier is trained on synthetic rows only. A validation split drawn from the
+synthetic rows selects the epoch. The real test split is scored once per seed, after selection,
+so it never influences training or selection. The real test accuracy is
 evaluation on real data and is not covered by any privacy guarantee.
 """
 
@@ -37,7 +37,7 @@ _RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon",
 
 
 class EvaluationError(ValueError):
-    """The evaluation cannot run as requested; the message says why and what to do."""
+    """The evaluation cannot run as requested; the message states why and what to do."""
 
 
 @dataclass

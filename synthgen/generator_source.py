@@ -31,7 +31,7 @@ PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
 
 
 class GeneratorSourceError(ValueError):
-    """The generator cannot be used to build a dataset; the message says why and what to do."""
+    """The generator cannot be used to build a dataset; the message states why and what to do."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Deterministic sampling from a DPSDPipeline: sample i of a seed is the same in any process.
 
 Sample i is image i % BLOCK_SIZE of block i // BLOCK_SIZE. The latents of block b come from a
-CPU `torch.Generator` seeded with a hash of (seed, b), and every block is generated whole, so
-sample i does not depend on which other samples a caller asks for, on the shard size, or on the
+CPU `torch.Generator` seeded with a hash of (seed, b), and every block is generated whole. So
+sample i does not depend on which other samples a caller requests, on the shard size, or on the
 number of processes. The student labels the 8-bit image that is returned, in float64: in float32
 its logits changed in the last bits with the number of CPU threads (torch 2.13 on CPU), which
 would make labels and confidences depend on how many processes share a machine.
@@ -27,7 +27,7 @@ MAX_DRAWS_PER_ROW = 100
 
 
 class SamplingError(ValueError):
-    """The generator cannot produce what was requested; the message says what to change."""
+    """The generator cannot produce the requested samples; the message states what to change."""
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -68,8 +68,8 @@ def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) 
             MAX_DRAWS_PER_ROW draws per requested row.
     """
     num_classes = len(class_names)
-    wanted = per_class * num_classes
-    max_blocks = math.ceil(max(MAX_DRAWS_PER_ROW * wanted, 10 * BLOCK_SIZE) / BLOCK_SIZE)
+    requested = per_class * num_classes
+    max_blocks = math.ceil(max(MAX_DRAWS_PER_ROW * requested, 10 * BLOCK_SIZE) / BLOCK_SIZE)
     counts = np.zeros(num_classes, dtype=np.int64)
     indices: list[int] = []
     labels: list[int] = []
@@ -81,7 +81,7 @@ def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) 
                 indices.append(block * BLOCK_SIZE + offset)
                 labels.append(label)
         if (counts >= per_class).all():
-            logger.info("per-class plan: %d rows found among the first %d samples", wanted, (block + 1) * BLOCK_SIZE)
+            logger.info("per-class plan: %d rows found among the first %d samples", requested, (block + 1) * BLOCK_SIZE)
             return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     missing = {class_names[c]: int(per_class - counts[c]) for c in range(num_classes) if counts[c] < per_class}
     raise SamplingError(f"after {max_blocks * BLOCK_SIZE} generated images the student has not labelled enough of "

@@ -55,10 +55,10 @@ def spread_label_release(run_dir: Path, folder: Path) -> Path:
     """Make a pipeline folder whose student labels generated images with every class.
 
     The tiny test runs give every sample the same label, which cannot exercise --per-class.
-    This folder keeps the run's privacy report and generator architecture, but the generator's
-    BatchNorm variances are shrunk so that its images vary, and the student's last layer is set
-    to centred, standardised random projections of its hidden features, so that the argmax
-    spreads over the classes. Both are real synthgen models saved in diffusers format.
+    This folder keeps the run's privacy report and generator architecture. The generator's
+    BatchNorm variances are shrunk so that its images vary. The student's last layer is set to
+    centred, standardised random projections of its hidden features, so that its argmax spreads
+    over the classes. Both are real synthgen models saved in diffusers format.
     """
     import torch
 

@@ -364,7 +364,8 @@ def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     (out / "notes.txt").write_text("keep me")
     code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out)], caplog)
     assert code == 2
-    assert "not empty" in message and "--overwrite" in message
+    assert "not empty" in message
+    assert "--overwrite" in message
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
     code, _ = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out), "--overwrite"], caplog)
