@@ -12,6 +12,7 @@ EPSILON="${QUICKSTART_EPSILON:-4}"
 DELTA="${QUICKSTART_DELTA:-1e-5}"
 OUT="${QUICKSTART_OUT:-$ROOT/runs/quickstart}"
 STEPS="${QUICKSTART_STEPS:-400}"
+EPOCHS="${QUICKSTART_EPOCHS:-3}"
 export SYNTHGEN_LEDGER="${SYNTHGEN_LEDGER:-$OUT/ledger.duckdb}"
 
 DATA="$("$VENV/bin/python" -c "from synthgen.data import locate_dataset; print(locate_dataset('mnist'))")"
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
 
 echo "== 1/2 train a teacher with DP-SGD at epsilon $EPSILON, delta $DELTA (example-level)"
 "$VENV/bin/synthgen" train-teacher --data "$DATA" --out "$OUT/teacher" --dp --epsilon "$EPSILON" --delta "$DELTA" \
-    --epochs 3 --batch-size 512 --lr 2e-3 --width 16 --hidden 64
+    --epochs "$EPOCHS" --batch-size 512 --lr 2e-3 --width 16 --hidden 64
 
 echo "== 2/2 transcribe the DP teacher into a student and a generator (post-processing: no further privacy cost)"
 "$VENV/bin/synthgen" transcribe --teacher "$OUT/teacher" --out "$OUT/run" --mechanism dp-teacher \
