@@ -82,7 +82,7 @@ def transcription_settings(teacher: str, data: str, steps: int) -> dict:
 class Outcome:
     killed: bool
     exit_status: int | None
-    seconds_to_ready: float | None
+    ready_seen: bool  # whether the process logged its ready mark before it ended
     seconds: float
     stderr_tail: str
 
@@ -98,24 +98,24 @@ def run_once(command: list[str], ready_marks: tuple[str, ...], kill_after: tuple
     process = subprocess.Popen([sys.executable, "-m", "synthgen", *command], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
     ready = threading.Event()
+    ready_seen = threading.Event()
     lines: list[str] = []
 
     def read_stderr() -> None:
         for line in process.stderr:
             lines.append(line)
             if any(mark in line for mark in ready_marks):
+                ready_seen.set()
                 ready.set()
         ready.set()  # the process ended without getting that far
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    seconds_to_ready = None
     killed = False
     if kill_after is not None:
         origin, delay = kill_after
         if origin == "ready":
             ready.wait(timeout=300)
-            seconds_to_ready = time.monotonic() - started
             deadline = time.monotonic() + delay
         else:
             deadline = started + delay
@@ -126,7 +126,7 @@ def run_once(command: list[str], ready_marks: tuple[str, ...], kill_after: tuple
             killed = True
     process.wait(timeout=600)
     reader.join(timeout=10)
-    return Outcome(killed, process.returncode, seconds_to_ready, time.monotonic() - started, "".join(lines[-15:]))
+    return Outcome(killed, process.returncode, ready_seen.is_set(), time.monotonic() - started, "".join(lines[-15:]))
 
 
 def measure_reference(command: list[str], ready_marks: tuple[str, ...]) -> tuple[float, float]:
@@ -443,13 +443,14 @@ class TranscribeTarget:
 
     def phase(self, victim: Victim) -> str:
         """Name the part of the run a kill interrupted, judged from what it left behind."""
-        if (victim.folder / "run" / REPORT_FILE).exists():
+        run = victim.folder / "run"
+        if (run / REPORT_FILE).exists():
             return "after the report"
+        if (run / "generator").exists() or (run / "student").exists():
+            return "saving results"
         if victim.charged == 0:
             return "before the first charge"
-        if victim.charged < self.planned:
-            return "training"
-        return "saving results"
+        return "training"  # including the replay of charged answers after a resume
 
 
 class BuildTarget:
@@ -555,7 +556,7 @@ def crash_loop(target, kills_wanted: int, rng: random.Random, timing: tuple[floa
         if outcome.killed:
             kill = {"kill": len(kills) + 1, "victim": victim.index, "start": start, "aimed_from": kill_after[0],
                     "delay_seconds": round(kill_after[1], 3), "seconds_alive": round(outcome.seconds, 3),
-                    "phase": target.phase(victim), "problems": problems}
+                    "phase": target.phase(victim) if outcome.ready_seen else "start-up", "problems": problems}
             if isinstance(target, TranscribeTarget):
                 kill["charged_queries"] = victim.charged
             kills.append(kill)
