@@ -42,6 +42,7 @@ from typing import Iterator
 import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_stale_temporaries
+from .generator_source import accountant_name
 from .sampling import BLOCK_SIZE, SAMPLER, draw_block, plan_per_class, prepare_pipeline
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def _size_category(rows: int) -> str:
 def _privacy_facts(source) -> dict:
     report = source.report
     facts = {key: report.get(key) for key in ("unit", "unit_description", "epsilon", "delta")}
-    facts["accountant"] = (report.get("accountant") or {}).get("name")
+    facts["accountant"] = accountant_name(report)
     facts["mechanism"] = (report.get("mechanism") or {}).get("name")
     facts["generator_card"] = source.card_url
     facts["sampling_cost"] = ("none: sampling the generator and labelling with the student are post-processing of "
@@ -525,8 +526,14 @@ def _build_in(out: Path, action: str, config: BuildConfig, source, pipeline, set
 
     # 6. publish and record
     if config.push_to_hub:
-        result.repo_id, result.commit = push_dataset(out, config.push_to_hub, private=config.private,
-                                                     manifest=result.manifest)
+        try:
+            result.repo_id, result.commit = push_dataset(out, config.push_to_hub, private=config.private,
+                                                         manifest=result.manifest)
+        except BuildError as error:
+            retry = ("build it again" if temporary else
+                     f"the dataset in {out} is complete, so the same command with --resume pushes it without "
+                     "building it again")
+            raise BuildError(f"{error}. To retry, {retry}") from None
     if config.record:
         _record_in_catalog(config, source, out, result, temporary)
     return result

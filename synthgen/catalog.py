@@ -277,7 +277,7 @@ class Catalog:
 
     def record_run(self, run_dir: str | os.PathLike) -> dict:
         """Record a finished run folder: its privacy report, and its ledger key from private/ (local only)."""
-        from .generator_source import local_digest
+        from .generator_source import accountant_name, local_digest
 
         run_dir = Path(run_dir).expanduser().resolve()
         report_path = run_dir / "privacy_report.json"
@@ -301,7 +301,7 @@ class Catalog:
             "mechanism": (report.get("mechanism") or {}).get("name"),
             "epsilon": report.get("epsilon"),
             "delta": report.get("delta"),
-            "accountant": (report.get("accountant") or {}).get("name"),
+            "accountant": accountant_name(report),
             "student_accuracy": (report.get("evaluation") or {}).get("student_accuracy"),
             "weights_digest": digest,
             "created": report.get("created"),
@@ -313,6 +313,8 @@ class Catalog:
     def record_release(self, repo_id: str, commit: str, report: dict, revision: str | None = None,
                        card_url: str | None = None) -> dict:
         """Record a Hub release (repository, commit) with the privacy facts of its report."""
+        from .generator_source import accountant_name
+
         row = {
             "repo_id": repo_id,
             "commit": commit,
@@ -321,7 +323,7 @@ class Catalog:
             "mechanism": (report.get("mechanism") or {}).get("name"),
             "epsilon": report.get("epsilon"),
             "delta": report.get("delta"),
-            "accountant": (report.get("accountant") or {}).get("name"),
+            "accountant": accountant_name(report),
             "card_url": card_url,
             "recorded_at": _now(),
         }

@@ -132,8 +132,8 @@ def _add_build(commands) -> None:
     build.add_argument("--revision", help="branch, tag or commit of a Hub generator (default main)")
 
     size = build.add_mutually_exclusive_group(required=True)
-    size.add_argument("--num-samples", type=_integer, help="number of rows (images)")
-    size.add_argument("--per-class", type=_integer,
+    size.add_argument("--num-samples", type=_integer, metavar="N", help="number of rows (images)")
+    size.add_argument("--per-class", type=_integer, metavar="M",
                       help="rows per class: the first M samples the student labels as each class")
     build.add_argument("--seed", type=_integer, default=0,
                        help="seed of the latents, 0 to 2**63-1 (default 0); the same seed gives the same rows")

@@ -77,6 +77,12 @@ def check_privacy_report(report: dict, where: str) -> dict:
     return report
 
 
+def accountant_name(report: dict) -> str | None:
+    """Return the accountant's name from a privacy report, which stores it as a dict or a string."""
+    accountant = report.get("accountant")
+    return accountant.get("name") if isinstance(accountant, dict) else accountant
+
+
 def _read_report(folder: Path, where: str) -> dict:
     path = folder / REPORT_FILE
     if not path.is_file():

@@ -341,6 +341,20 @@ def test_missing_revision_is_rejected(hub, run_dir, tmp_path, caplog):
     assert not out.exists()
 
 
+def test_catalog_add_release_records_commit(hub, run_dir, tmp_path):
+    from synthgen.catalog import Catalog
+    from synthgen.hub import push
+
+    pushed = push(run_dir, "tester/generator-3", revision="v2")
+    catalog = tmp_path / "catalog.duckdb"
+    assert main(["catalog", "--db", str(catalog), "add-release", "tester/generator-3", "--revision", "v2"]) == 0
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    with Catalog(catalog) as opened:
+        releases = opened.sql("SELECT repo_id, commit, revision, epsilon FROM releases")
+    assert releases.to_dict("records") == [{"repo_id": "tester/generator-3", "commit": pushed.commit,
+                                            "revision": "v2", "epsilon": report["epsilon"]}]
+
+
 def test_push_of_local_generator_is_rejected(hub, run_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BuildError, match="published on the Hub"):
@@ -385,6 +399,7 @@ def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     (["--num-samples", "10", "--split", "a/b"], "--split must be a plain name"),
     (["--num-samples", "10", "--push-to-hub", "tester/../escape"], "dataset repository NAMESPACE/NAME"),
     (["--num-samples", "10", "--push-to-hub", "tester/..escape"], "invalid dataset repository id"),
+    (["--num-samples", "10", "--revision", "v1"], "--revision applies to Hub repositories only"),
 ])
 def test_bad_sizes_and_names_are_rejected(run_dir, tmp_path, caplog, args, expected):
     out = tmp_path / "out"
