@@ -16,7 +16,8 @@ from .hub_cli import add_commands as add_hub_commands
 
 logger = logging.getLogger("synthgen")
 
-_EPILOG = "Exit status: 0 on success, 2 on invalid input or settings, 3 when the privacy budget is exhausted."
+_EPILOG = ("Exit status: 0 on success, 2 on invalid input or settings, 3 when the privacy budget is exhausted, "
+           "4 when 'privacy recompute' finds that a card disagrees with its own privacy facts.")
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:

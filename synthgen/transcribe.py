@@ -593,7 +593,10 @@ def _finish(run: _Run, elapsed: float) -> dict:
         with atomic_directory(run.run_dir / name) as tmp:
             model.eval()
             model.save_pretrained(str(tmp))
-    rows, _ = sample_per_class(run.generator, run.student, len(run.class_names), per_class=10, seed=config.seed)
+    # At most 8 x 256 draws: enough for a trained generator, and quick when a short run has not
+    # learned every class yet.
+    rows, _ = sample_per_class(run.generator, run.student, len(run.class_names), per_class=10, seed=config.seed,
+                               max_batches=8)
     atomic_write_bytes(run.run_dir / "samples.png", grid_png(rows, run.class_names, per_class=10))
     report = build_report(run, elapsed)
     atomic_write_json(run.run_dir / PRIVATE_DIR / "ledger_key.json", {
