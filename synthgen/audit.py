@@ -348,12 +348,18 @@ def run_audit(config: AuditConfig) -> dict:
     student = Classifier.from_pretrained(str(run_dir / "student"))
     generator = Generator.from_pretrained(str(run_dir / "generator"))
     teacher_model = teacher.bank()
-    targets = {"student": student, "teacher": lambda x: teacher_model(x)[0]}
+    # Control: a model that never saw data. Whatever AUC the attacks reach against it comes
+    # from differences between the member and held-out samples (MNIST's training and test
+    # splits come from different writers, for example), not from leakage.
+    torch.manual_seed(config.seed)
+    untrained = Classifier.from_config(student.config)
+    targets = {"student": student, "teacher": lambda x: teacher_model(x)[0], "untrained_control": untrained}
 
     epsilon, delta = report.get("epsilon"), report.get("delta")
     teacher_dp = report.get("teacher_dp") or None
     bounds = {"student": (epsilon, delta) if report.get("private") else (None, None),
-              "teacher": (teacher_dp["epsilon"], teacher_dp["delta"]) if teacher_dp else (None, None)}
+              "teacher": (teacher_dp["epsilon"], teacher_dp["delta"]) if teacher_dp else (None, None),
+              "untrained_control": (None, None)}
     result: dict = {"format": AUDIT_FORMAT, "attacks": {}}
 
     # 1. loss threshold
@@ -404,7 +410,9 @@ def run_audit(config: AuditConfig) -> dict:
         "note": "membership-inference audit on private data: evaluation only, not covered by the DP guarantee. "
                 "Members are audit_size random training examples of the teacher, non-members as many held-out "
                 "examples. Shadow models are trained directly on the data, as the teacher is; they do not repeat "
-                "the transcription. dp_tpr_bound is the largest TPR that (epsilon, delta)-DP allows at that FPR.",
+                "the transcription. untrained_control is a randomly initialised student that never saw data: its "
+                "AUC is the level that differences between the member and held-out samples alone produce. "
+                "dp_tpr_bound is the largest TPR that (epsilon, delta)-DP allows at that FPR.",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     atomic_write_json(run_dir / AUDIT_FILE, result)

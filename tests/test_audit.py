@@ -58,7 +58,18 @@ def test_attack_metrics_interval_contains_value():
     assert metrics["dp_tpr_bound"]["at_0.01_fpr"] == pytest.approx(math.exp(2) * 0.01 + 1e-5)
 
 
-def test_attacks_detect_overfit_classifier(mnist_small):
+@pytest.fixture
+def one_thread():
+    """Train tiny models on one thread: on a busy machine, more threads slow them down many times over."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_attacks_detect_overfit_classifier(mnist_small, one_thread):
     # A classifier trained 40 epochs on 120 images memorises them: both attacks must see it,
     # or a low AUC on a student proves nothing.
     train, test = load_image_data(mnist_small, "train"), load_image_data(mnist_small, "test")
@@ -86,16 +97,18 @@ def finished_run(small_teacher, mnist_small, tmp_path_factory):
     return folder / "run"
 
 
-def test_audit_command_writes_audit_json(finished_run, mnist_small, capsys):
+def test_audit_command_writes_audit_json(finished_run, mnist_small, capsys, one_thread):
     args = ["audit", str(finished_run), "--private-data", str(mnist_small), "--audit-size", "100",
-            "--shadow-models", "4", "--shadow-epochs", "2", "--synthetic-samples", "100", "--bootstrap", "50"]
+            "--shadow-models", "4", "--shadow-epochs", "2", "--synthetic-samples", "100", "--bootstrap", "50",
+            "--threads", "1"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     audit = json.loads((finished_run / "audit.json").read_text())
     report = json.loads((finished_run / "privacy_report.json").read_text())
     assert audit["format"] == "synthgen-audit/1"
     assert set(audit["attacks"]) == {"loss_threshold", "lira", "synthetic_distance"}
-    assert set(audit["attacks"]["lira"]) == {"student", "teacher"}
+    assert set(audit["attacks"]["lira"]) == {"student", "teacher", "untrained_control"}
+    assert audit["attacks"]["loss_threshold"]["untrained_control"]["dp_tpr_bound"]["at_0.01_fpr"] is None
     student = audit["attacks"]["loss_threshold"]["student"]
     for name in ("auc", "tpr_at_0.001_fpr", "tpr_at_0.01_fpr"):
         assert 0 <= student[name]["ci95"][0] <= student[name]["value"] <= student[name]["ci95"][1] <= 1
