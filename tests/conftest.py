@@ -15,6 +15,7 @@ SMALL_TEST = 300
 @pytest.fixture(autouse=True)
 def _isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SYNTHGEN_LEDGER", str(tmp_path / "ledger.duckdb"))
+    monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "catalog.duckdb"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TQDM_DISABLE", "1")
