@@ -349,8 +349,8 @@ def run_audit(config: AuditConfig) -> dict:
     generator = Generator.from_pretrained(str(run_dir / "generator"))
     teacher_model = teacher.bank()
     # Control: a model that never saw data. Whatever AUC the attacks reach against it comes
-    # from differences between the member and held-out samples (MNIST's training and test
-    # splits come from different writers, for example), not from leakage.
+    # from differences between the member and held-out samples (the training and test splits
+    # of a dataset need not follow one distribution), not from leakage.
     torch.manual_seed(config.seed)
     untrained = Classifier.from_config(student.config)
     targets = {"student": student, "teacher": lambda x: teacher_model(x)[0], "untrained_control": untrained}
