@@ -188,7 +188,11 @@ def dataset_to_image_data(ds: "datasets.Dataset", source: str, split: str) -> Im
     """Decode a ``datasets.Dataset`` with ``image`` and ``label`` columns into arrays."""
     from datasets import ClassLabel
 
-    image_column = "image" if "image" in ds.column_names else "img" if "img" in ds.column_names else None
+    image_column = None
+    for candidate in ("image", "img"):
+        if candidate in ds.column_names:
+            image_column = candidate
+            break
     if image_column is None or "label" not in ds.column_names:
         raise DataError(f"{source!r} has columns {ds.column_names}; expected 'image' and 'label'")
     label_feature = ds.features["label"]

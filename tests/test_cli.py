@@ -61,7 +61,8 @@ def test_teacher_data_mismatch_exit_2(small_teacher, tmp_path, caplog):
     write_idx(other / "train-labels-idx1-ubyte", np.arange(20, dtype=np.uint8) % 10)
     code = main(transcribe_args(small_teacher, tmp_path / "run", "--private-data", str(other)))
     assert code == 2
-    assert "(1, 28, 28)" in caplog.text and "(1, 32, 32)" in caplog.text
+    assert "(1, 28, 28)" in caplog.text
+    assert "(1, 32, 32)" in caplog.text
     assert not (tmp_path / "run").exists()
 
 
@@ -96,8 +97,10 @@ def test_unknown_config_key_exit_2(small_teacher, tmp_path, caplog):
 def test_help_names_units():
     result = subprocess.run([sys.executable, "-m", "synthgen", "transcribe", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "iterations" in result.stdout and "x batch-size" in result.stdout
-    assert "epsilon" in result.stdout and "1/n" in result.stdout
+    assert "iterations" in result.stdout
+    assert "x batch-size" in result.stdout
+    assert "epsilon" in result.stdout
+    assert "1/n" in result.stdout
 
 
 def test_process_exit_code_on_bad_input(small_teacher, tmp_path):

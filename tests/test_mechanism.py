@@ -118,7 +118,8 @@ def rr_frequencies(teacher_label, prior, eps0, top_k, draws=40000):
     mechanism = LabelMechanism(bank, config, charge, noise_secret=11)
     answer = mechanism.annotate(torch.zeros(draws, 1, 2, 2), prior.expand(draws, -1), 0)
     labels = answer.targets.argmax(dim=1)
-    assert charges[0][1].kind == RANDOMIZED_RESPONSE and charges[0][1].count == draws
+    assert charges[0][1].kind == RANDOMIZED_RESPONSE
+    assert charges[0][1].count == draws
     return torch.bincount(labels, minlength=prior.shape[1]).double() / draws
 
 
@@ -130,7 +131,8 @@ def test_randomized_response_label_in_set_frequencies():
     assert freq[1].item() == pytest.approx(keep, abs=0.01)
     assert freq[0].item() == pytest.approx((1 - keep) / 2, abs=0.01)
     assert freq[2].item() == pytest.approx((1 - keep) / 2, abs=0.01)
-    assert freq[3].item() == 0 and freq[4].item() == 0
+    assert freq[3].item() == 0
+    assert freq[4].item() == 0
 
 
 def test_randomized_response_label_outside_set_uniform():

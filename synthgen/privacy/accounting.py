@@ -323,7 +323,7 @@ def calibrate_randomized_response(target_epsilon: float, delta: float, num_queri
     while pld_of(high) <= target_epsilon and high < target_epsilon:
         low, high = high, high * 2
     high = min(high, target_epsilon * (1 + 2 * CALIBRATION_RTOL))
-    if pld_of(low) > target_epsilon:  # cannot happen if PLD <= RDP; fail loudly if it does
+    if pld_of(low) > target_epsilon:  # PLD <= RDP rules this out, so raise if it happens
         raise RuntimeError(f"PLD epsilon exceeds the RDP epsilon at eps0={low}; accountant inconsistency")
     return _bisect(pld_of, low, high, target_epsilon, increasing=True)
 
