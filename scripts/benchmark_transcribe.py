@@ -7,10 +7,16 @@ Cases (each writes records to benchmarks/results/transcribe.json):
   shows the engine works before noise is added;
 - teacher-level: one non-private teacher, epsilon 1 and 10 at the teacher level, with the
   gaussian and noisy-label mechanisms;
-- dp-teacher: a DP-SGD teacher at example-level epsilon 1 and 10 (it is also the DP-SGD
-  baseline at the same epsilon), then transcription as free post-processing.
+- dp-teacher: a DP-SGD teacher at example-level epsilon 1 and 10, then transcription as free
+  post-processing into a student of the same architecture, so the DP teacher is also the
+  DP-SGD baseline (the student's architecture trained on the private data with Opacus at the
+  same epsilon and delta).
 
-Usage: python scripts/benchmark_transcribe.py [--cases none,teacher-level] [--quick] [--out DIR]
+Usage: python scripts/benchmark_transcribe.py [--dataset fashion-mnist] [--cases none,teacher-level]
+       [--seed 1] [--quick] [--out DIR]
+
+Run folders are kept under --out and reused by a later invocation, so an interrupted benchmark
+continues where it stopped. Records carry a `seed` field, one record per seed.
 """
 
 from __future__ import annotations
@@ -40,16 +46,24 @@ def run_teacher(args, data: str, records: list) -> Path:
     if (out / "synthgen_teacher.json").is_file():  # trained by an earlier invocation
         meta = json.loads((out / "synthgen_teacher.json").read_text())
         records.append(record("transcribe", "teacher_accuracy", meta["test_accuracy"], seeds=1,
-                              method="synthgen-teacher", note="non-private teacher, all 60,000 training images"))
+                              method="synthgen-teacher", note="non-private teacher, all training images"))
     else:
         started = time.time()
         config = TeacherTrainConfig(data=data, out=str(out), epochs=1 if args.quick else 3, seed=args.seed)
         teacher = train_teacher(config, load_image_data(data, "train"), load_image_data(data, "test"))
         seconds = time.time() - started
         records.append(record("transcribe", "teacher_accuracy", teacher.meta.test_accuracy, seeds=1,
-                              method="synthgen-teacher", note="non-private teacher, all 60,000 training images"))
+                              method="synthgen-teacher", note="non-private teacher, all training images"))
         records.append(record("transcribe", "teacher_seconds", round(seconds, 1), method="synthgen-teacher"))
     return out
+
+
+DP_TEACHER_NOTE = ("DP-SGD teacher (GroupNorm CNN, EMA), the same architecture as the dp-teacher student: it is "
+                   "also the DP-SGD baseline")
+
+# The DP-SGD teacher's architecture; the dp-teacher student uses the same one.
+DP_WIDTH = 16
+DP_HIDDEN = 64
 
 
 def run_dp_teacher(args, data: str, epsilon: float, records: list) -> Path:
@@ -62,17 +76,17 @@ def run_dp_teacher(args, data: str, epsilon: float, records: list) -> Path:
         meta = json.loads((out / "synthgen_teacher.json").read_text())
         records.append(record("transcribe", "teacher_accuracy", meta["test_accuracy"], method="opacus-dp-sgd",
                               unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1,
-                              note="DP-SGD teacher (GroupNorm CNN, EMA); it is also the DP-SGD baseline"))
+                              note=DP_TEACHER_NOTE))
     else:
         started = time.time()
         config = TeacherTrainConfig(data=data, out=str(out), dp=True, epsilon=epsilon, delta=1e-5,
-                                    epochs=1 if args.quick else args.dp_epochs, batch_size=512, lr=2e-3, width=16,
-                                    hidden=64, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"))
+                                    epochs=1 if args.quick else args.dp_epochs, batch_size=512, lr=2e-3, width=DP_WIDTH,
+                                    hidden=DP_HIDDEN, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"))
         teacher = train_teacher_dp(config, load_image_data(data, "train"), load_image_data(data, "test"))
         seconds = time.time() - started
         common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1)
         records.append(record("transcribe", "teacher_accuracy", teacher.meta.test_accuracy, method="opacus-dp-sgd",
-                              **common, note="DP-SGD teacher (GroupNorm CNN, EMA); it is also the DP-SGD baseline"))
+                              **common, note=DP_TEACHER_NOTE))
         records.append(record("transcribe", "teacher_seconds", round(seconds, 1), method="opacus-dp-sgd", **common))
     return out
 
@@ -109,7 +123,10 @@ def main() -> int:
     parser.add_argument("--cases", default="teacher,none,dp-teacher,teacher-level",
                         help="comma-separated cases, run in this order")
     parser.add_argument("--quick", action="store_true", help="a smoke run in a few minutes; not for the record")
-    parser.add_argument("--out", default="runs/benchmark-transcribe")
+    parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"))
+    parser.add_argument("--out", default=None,
+                        help="run folder (default runs/benchmark-transcribe for MNIST seed 0, else "
+                             "runs/benchmark-transcribe-DATASET-seedN)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilons", default="1,10")
     parser.add_argument("--none-steps", type=int, default=800)
@@ -122,7 +139,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from synthgen.data import locate_dataset
 
-    data = str(locate_dataset("mnist"))
+    if args.out is None:
+        args.out = ("runs/benchmark-transcribe" if (args.dataset, args.seed) == ("mnist", 0)
+                    else f"runs/benchmark-transcribe-{args.dataset}-seed{args.seed}")
+    data = str(locate_dataset(args.dataset))
     cases = args.cases.split(",")
     epsilons = [float(e) for e in args.epsilons.split(",")]
     scale = 10 if args.quick else 1
@@ -146,12 +166,16 @@ def main() -> int:
                 for epsilon in epsilons:
                     dp_teacher = run_dp_teacher(args, data, epsilon, records)
                     run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}", records,
-                                      mechanism="dp-teacher", steps=args.dp_steps // scale)
+                                      mechanism="dp-teacher", steps=args.dp_steps // scale, student_width=DP_WIDTH,
+                                      student_hidden=DP_HIDDEN, student_norm="group")
             elif case != "teacher":
                 raise SystemExit(f"unknown case {case!r}; expected teacher, none, teacher-level or dp-teacher")
     finally:
         if records:
-            path = write_records(name, records)
+            for entry in records:
+                entry.update(dataset=args.dataset, seed=args.seed)
+            path = write_records(name, records, replace_keys=("metric", "unit", "mechanism", "epsilon", "method",
+                                                              "dataset", "seed"))
             logger.info("wrote %d records to %s", len(records), path)
     return 0
 

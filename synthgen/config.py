@@ -56,6 +56,8 @@ class TranscribeConfig:
     generator_width: int = option(32, "generator channel width")
     student_width: int = option(32, "student channel width")
     student_hidden: int = option(256, "student hidden layer size")
+    student_norm: str = option("none", "student normalisation after each convolution: 'none' or 'group' (GroupNorm, "
+                               "as in a DP-SGD teacher, so that a DP-SGD baseline can share the student's architecture)")
     onehot_weight: float = option(1.0, "generator loss: weight of the student's own-argmax cross-entropy")
     entropy_weight: float = option(5.0, "generator loss: weight of the class-balance (batch mean entropy) term")
     activation_weight: float = option(0.1, "generator loss: weight of the student feature activation term")

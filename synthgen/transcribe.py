@@ -51,7 +51,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 _FROZEN_SETTINGS = (
     "mechanism", "epsilon", "delta", "steps", "batch_size", "student_steps", "generator_steps", "student_lr",
     "generator_lr", "top_k", "clip_norm", "temperature", "replay_size", "replay_batch", "latent_dim",
-    "generator_width", "student_width", "student_hidden", "onehot_weight", "entropy_weight",
+    "generator_width", "student_width", "student_hidden", "student_norm", "onehot_weight", "entropy_weight",
     "activation_weight", "adversarial_weight", "seed", "noise_seed",
 )
 
@@ -105,6 +105,8 @@ def _check_settings(config: TranscribeConfig) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             raise TranscriptionError(f"{name} must be an integer >= 0, got {value!r}")
+    if config.student_norm not in ("none", "group"):
+        raise TranscriptionError(f"student_norm must be 'none' or 'group', got {config.student_norm!r}")
     for name in ("student_lr", "generator_lr", "clip_norm", "temperature"):
         value = getattr(config, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -273,7 +275,8 @@ class _Run:
                                    width=config.generator_width)
         # The student's normalisation is a public constant, not a statistic of the private data.
         self.student = Classifier(image_size=height, channels=channels, num_classes=meta.num_classes,
-                                  width=config.student_width, hidden=config.student_hidden, mean=(0.5,) * channels,
+                                  width=config.student_width, hidden=config.student_hidden, norm=config.student_norm,
+                                  mean=(0.5,) * channels,
                                   std=(0.5,) * channels, class_names=self.class_names)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
         self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)

@@ -167,3 +167,19 @@ def test_interrupted_run_needs_resume(small_teacher, mnist_small, tmp_path):
         transcribe(small_config(small_teacher, tmp_path / "run", mnist_small))
     with pytest.raises(TranscriptionError, match="epsilon differ"):
         transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, epsilon=5.0, resume=True))
+
+
+def test_group_norm_student_saved_and_reloaded(small_teacher, mnist_small, tmp_path):
+    from synthgen.models import Classifier
+
+    transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, mechanism="none", student_norm="group"))
+    student = Classifier.from_pretrained(str(tmp_path / "run" / "student"))
+    norms = [module for module in student.modules() if isinstance(module, torch.nn.GroupNorm)]
+    assert student.config.norm == "group"
+    assert norms
+
+
+def test_unknown_student_norm_rejected(small_teacher, mnist_small, tmp_path):
+    with pytest.raises(TranscriptionError, match="student_norm must be 'none' or 'group', got 'batch'"):
+        transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, student_norm="batch"))
+    assert not (tmp_path / "run").exists()
