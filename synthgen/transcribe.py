@@ -214,9 +214,7 @@ def _check_dp_teacher(config: TranscribeConfig, teacher: LoadedTeacher) -> dict:
         if name not in dp:
             raise TranscriptionError(f"the teacher's DP record lacks {name!r}; it cannot back a guarantee")
     if config.teacher_meta or dp.get("source") != "synthgen":
-        dp["source"] = "user statement"
-        dp["verification"] = "not verified by synthgen: the user states that the teacher was trained with DP"
-        return dp
+        return _user_dp_statement(config, teacher, dp)
     from .privacy.accounting import PrivacyEvent
 
     recorded = [PrivacyEvent(**event) for event in dp.get("events", [])]
@@ -229,6 +227,46 @@ def _check_dp_teacher(config: TranscribeConfig, teacher: LoadedTeacher) -> dict:
         dp["verification"] = "not found in this privacy ledger; the teacher's metadata is the only record"
         logger.warning("the DP training of %s is not in the ledger %s; reporting its metadata unverified",
                        config.teacher, config.ledger or "(default)")
+    return dp
+
+
+def _user_dp_statement(config: TranscribeConfig, teacher: LoadedTeacher, dp: dict) -> dict:
+    """Check a DP record that the user supplied and recompute its epsilon from its privacy events.
+
+    synthgen cannot check how such a teacher was trained, but it can check the arithmetic: the
+    reported epsilon is the one its DP-SGD events imply under replace-one (PLD), never the stated
+    number alone. A stated epsilon computed under add/remove-one, as Opacus reports it, comes out
+    larger here.
+    """
+    if dp.get("unit") != "example":
+        raise TranscriptionError(
+            f"the teacher's DP record states unit {dp.get('unit')!r}; a DP-SGD teacher protects single examples, "
+            "so set \"unit\": \"example\" in the record"
+        )
+    hint = ('list the DP-SGD training as privacy events, for example "events": [{"kind": "poisson_gaussian", '
+            '"parameter": NOISE_MULTIPLIER, "count": STEPS, "sampling_rate": BATCH_SIZE / N}]')
+    raw_events = dp.get("events")
+    if not isinstance(raw_events, list) or not raw_events:
+        raise TranscriptionError(
+            f"the DP record of teacher {config.teacher} states epsilon {dp['epsilon']!r} without the privacy events "
+            f"behind it, so synthgen cannot recompute it; {hint}"
+        )
+    try:
+        events = [PrivacyEvent(**event) for event in raw_events]
+        delta = validate_delta(dp["delta"], teacher.meta.num_examples)
+    except (TypeError, ValueError) as error:
+        raise TranscriptionError(f"the DP record of teacher {config.teacher} is invalid: {error}; {hint}") from None
+    dp["stated_epsilon"] = dp["epsilon"]
+    dp["epsilon"] = pld_epsilon(events, delta)
+    dp["events"] = [event.to_dict() for event in events]
+    dp["neighbouring_relation"] = "replace-one"
+    dp["accountant"] = {"name": "pld", "library": "dp_accounting", "version": accountant_versions()["dp_accounting"]}
+    dp["source"] = "user statement"
+    dp["verification"] = ("not verified by synthgen: the user states that the teacher was trained with DP-SGD as "
+                          "these events describe; synthgen recomputed epsilon from them")
+    logger.warning("teacher %s: DP training stated by the user, not verified; epsilon recomputed from the stated "
+                   "events: %.4g (stated %s) at delta %g, replace-one", config.teacher, dp["epsilon"],
+                   dp["stated_epsilon"], delta)
     return dp
 
 
