@@ -1,8 +1,8 @@
 """Measure what each DP-SGD setting of `synthgen train-teacher --dp` adds, one variant at a time.
 
 Every variant trains the teacher on all of real MNIST at the same example-level (epsilon,
-delta) under replace-one, changing one setting of the base recipe (GroupNorm CNN, batch 512,
-Adam at 2e-3, clipping norm 1, EMA of the weights with decay 0.999). The noise multiplier is
+delta) under replace-one. Each changes one setting of the base recipe: a GroupNorm CNN, batch
+512, Adam at 2e-3, clipping norm 1 and an EMA of the weights with decay 0.999. The noise multiplier is
 recalibrated for each variant, so every row spends the same privacy. The records go to
 benchmarks/results/dp_sgd.json with a `variant` field.
 
