@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -17,7 +18,18 @@ from .hub_cli import add_commands as add_hub_commands
 logger = logging.getLogger("synthgen")
 
 _EPILOG = ("Exit status: 0 on success, 2 on invalid input or settings, 3 when the privacy budget is exhausted, "
-           "4 when 'privacy recompute' finds that a card disagrees with its own privacy facts.")
+           "4 when 'privacy recompute' finds that a card disagrees with its own privacy facts, 5 when the "
+           "environment failed (disk full, I/O error, or the ledger locked by another run): fix the cause and run "
+           "the command again.")
+
+# Operating-system errors that the user fixes outside synthgen, with the usual remedy.
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EACCES: "fix the file permissions",
+    errno.EPERM: "fix the file permissions",
+    errno.EROFS: "choose a writable folder",
+}
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
@@ -120,6 +132,18 @@ def _cmd_ledger(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synthgen",
+def _os_error_message(args: argparse.Namespace, error: OSError) -> str:
+    """Describe an operating-system error for the user: what failed, on which file, and what to do."""
+    command = args.command
+    name = errno.errorcode.get(error.errno, "unknown errno") if error.errno else type(error).__name__
+    where = f" on {error.filename}" if error.filename else ""
+    hint = _OS_ERROR_HINTS.get(error.errno, "fix the cause")
+    message = f"{command} failed: {error.strerror or error} ({name}){where}; {hint} and run the command again"
+    if command == "transcribe" or (command == "train-teacher" and getattr(args, "dp", False)):
+        message += "; the files written so far and the ledger stay consistent, and an interrupted run continues with --resume"
+    return message
+
+
         description="Differentially private model transcription: turn a classifier into a DP student and a DP "
                     "generator without touching the private data again.",
         epilog=_EPILOG,
@@ -158,20 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from .privacy.ledger import BudgetExceededError
+    from .privacy.ledger import BudgetExceededError, LedgerLockedError
 
     try:
         return args.handler(args)
     except BudgetExceededError as error:
         logger.error("%s", error)
         return 3
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
         logger.error("%s", error)
         return 2
     except KeyboardInterrupt:
         logger.error("interrupted; an interrupted transcription continues with --resume")
         return 130
 
+    except LedgerLockedError as error:
+        logger.error("%s", error)
+        return 5
+    except OSError as error:
+        logger.error("%s", _os_error_message(args, error))
+        return 5
 
 if __name__ == "__main__":
     sys.exit(main())

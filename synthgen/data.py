@@ -233,6 +233,21 @@ def _parquet_files(path: Path, split: str) -> list[str]:
     return []
 
 
+def _check_parquet_shards(files: list[str]) -> None:
+    """Read each shard's footer, so that a corrupted or truncated shard is named in the error."""
+    import pyarrow
+    import pyarrow.parquet
+
+    for name in files:
+        try:
+            pyarrow.parquet.read_metadata(name)
+        except (pyarrow.ArrowInvalid, OSError) as error:
+            raise DataError(
+                f"parquet shard {name} cannot be read ({error}); it is corrupted or truncated: download or write "
+                "it again"
+            ) from error
+
+
 def _is_image_folder(folder: Path) -> bool:
     return any(
         child.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in child.iterdir())
@@ -271,6 +286,7 @@ def load_image_data(source: str | os.PathLike, split: str = "train", class_names
             if parquet:
                 from datasets import Dataset
 
+                _check_parquet_shards(parquet)
                 data = dataset_to_image_data(Dataset.from_parquet(parquet), source_str, split)
             elif path.is_dir() and _is_image_folder(path if not (path / split).is_dir() else path / split):
                 data = dataset_to_image_data(load_image_folder(path, split), source_str, split)

@@ -56,9 +56,33 @@ def _close(a: float, b: float, rtol: float = RECOMPUTE_RTOL) -> bool:
 
 def _number(block: dict, key: str, where: str) -> float:
     value = block.get(key)
+    if isinstance(value, str) and _parses_as_float(value):
+        # A card is checked as published: every YAML 1.1 reader, PyYAML and the Hub among them,
+        # reads this value as text, so accepting it here would pass a card that those readers
+        # cannot use as a number.
+        raise ValueError(
+            f"{where}.{key} is the text {value!r}, not a number: YAML 1.1 reads an exponent number without a dot "
+            f"as text; write it as {_yaml_float(float(value))}"
+        )
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{where}.{key} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _yaml_float(value: float) -> str:
+    """Spell `value` so that YAML 1.1 reads it as a float: the mantissa needs a dot (1.0e-05, not 1e-05)."""
+    text = repr(value)
+    mantissa, marker, exponent = text.partition("e")
+    if marker and "." not in mantissa:
+        return f"{mantissa}.0e{exponent}"
+    return text
 
 
 def recompute_card(metadata: dict) -> Recomputation:

@@ -169,8 +169,13 @@ def load_teacher(
     if kind == "synthgen":
         from .models import Classifier
 
-        module = Classifier.from_pretrained(str(path), low_cpu_mem_usage=False)
-        _check_weights_complete(module, path)
+        weights = _synthgen_weights_file(path)
+        state = _read_safetensors(weights)
+        try:
+            module = Classifier.from_pretrained(str(path), low_cpu_mem_usage=False, use_safetensors=True)
+        except OSError as error:  # diffusers reports unreadable config or weights as OSError
+            raise TeacherError(f"cannot load teacher {path}: {error}") from error
+        _check_weights_complete(module, state, weights, path)
         loaded_meta = TeacherMeta.from_dict(json.loads((path / META_FILE).read_text()))
     else:
         module = _load_foreign(path, kind, factory, trust_pickle)
@@ -198,28 +203,52 @@ class _ExportedTeacher(nn.Module):
         return self.graph_module(images)
 
 
-def _check_weights_complete(module: nn.Module, folder: Path) -> None:
-    """Fail unless the saved weights cover the model exactly (diffusers only warns on missing keys)."""
-    from safetensors.torch import load_file
+def _synthgen_weights_file(folder: Path) -> Path:
+    """Return the one safetensors weights file of a teacher folder, rejecting pickle weights."""
+    from .generator_source import PICKLE_SUFFIXES
 
     files = list(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if not files and pickles:
+        raise TeacherError(
+            f"{folder} carries pickle weights {pickles} and no .safetensors file; synthgen loads safetensors "
+            "weights only, because unpickling can run code. Convert the weights with safetensors.torch.save_file "
+            "or train the teacher again with 'synthgen train-teacher'"
+        )
     if len(files) != 1:
         raise TeacherError(f"{folder} must hold exactly one .safetensors file, found {len(files)}")
+    return files[0]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, naming the file when it is corrupted or truncated."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        module.load_state_dict(load_file(str(files[0])), strict=True)
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise TeacherError(
+            f"{path} is not a valid safetensors file ({error}); it is corrupted or truncated: copy or save it again"
+        ) from error
+
+
+def _check_weights_complete(module: nn.Module, state: dict, weights: Path, folder: Path) -> None:
+    """Fail unless the saved weights cover the model exactly (diffusers only warns on missing keys)."""
+    try:
+        module.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise TeacherError(f"weights in {files[0]} do not match the architecture in {folder / 'config.json'}: {error}") from error
+        raise TeacherError(f"weights in {weights} do not match the architecture in {folder / 'config.json'}: {error}") from error
 
 
 def _load_foreign(path: Path, kind: str, factory: str | None, trust_pickle: bool) -> nn.Module:
     if kind == "safetensors":
         if factory is None:
             raise TeacherError(f"{path} contains only weights: pass --teacher-factory package.module:function to build the model")
-        from safetensors.torch import load_file
-
+        state = _read_safetensors(path)
         module = _import_factory(factory)()
         try:
-            module.load_state_dict(load_file(str(path)), strict=True)
+            module.load_state_dict(state, strict=True)
         except RuntimeError as error:
             raise TeacherError(f"weights in {path} do not fit the model from {factory}: {error}") from error
         return module

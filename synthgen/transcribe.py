@@ -652,3 +652,4 @@ def _finish(run: _Run, elapsed: float) -> dict:
         run.ledger.drop_answers(run.run_id)
     logger.info("run complete in %.0f s: %s", elapsed, run.run_dir)
     return report
+    resolve_device(config.device)  # an unusable device is invalid input: reject it before anything is written

@@ -101,9 +101,8 @@ def test_push_path_traversal_repo_id(request, caplog, capsys, hub, run_dir, work
 
 
 @case("CLI", "`privacy recompute` of a hand-written card with `delta: 1e-5`",
-      "differential_privacy.delta must be a finite number, got '1e-5'", "exit 2",
-      gap="YAML 1.1, which the card parser follows, reads 1e-5 as a string; the message does not say to write "
-          "1.0e-05")
+      "differential_privacy.delta is the text '1e-5', not a number: YAML 1.1 reads an exponent number without a dot "
+      "as text; write it as 1.0e-05", "exit 2")
 def test_recompute_card_delta_without_dot(request, caplog, capsys, workspace, cache_dir):
     card = workspace / "README.md"
     card.write_text("---\ndifferential_privacy:\n  private: true\n  epsilon: 1.0\n  delta: 1e-5\n  events:\n"

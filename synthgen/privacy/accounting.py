@@ -68,7 +68,8 @@ def validate_epsilon(epsilon: float, name: str = "epsilon") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number > 0, got {epsilon!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}; pass for example --epsilon 10")
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}; pass for example {flag} 10")
     return value
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,10 @@ class BudgetExceededError(RuntimeError):
     """Raised when a request would take the spent budget past the cap."""
 
 
+class LedgerLockedError(RuntimeError):
+    """Raised when another process has the ledger file open, because DuckDB lets only one process write a file."""
+
+
 def default_ledger_path() -> Path:
     if os.environ.get("SYNTHGEN_LEDGER"):
         return Path(os.environ["SYNTHGEN_LEDGER"])
@@ -98,7 +103,18 @@ class Ledger:
 
         self.path = Path(path) if path is not None else default_ledger_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = duckdb.connect(str(self.path))
+        try:
+            self._db = duckdb.connect(str(self.path))
+        except duckdb.IOException as error:
+            if "Could not set lock" not in str(error):
+                raise
+            holder = re.search(r"\(PID (\d+)\)", str(error))
+            process = f"another process (PID {holder.group(1)})" if holder else "another process"
+            raise LedgerLockedError(
+                f"the privacy ledger {self.path} is locked by {process}, most likely another synthgen run; wait for "
+                "it to finish and run again, or pass --ledger FILE to use a separate ledger (spends in separate "
+                "ledgers are not added up)"
+            ) from None
         self._db.execute(_SCHEMA)
 
     def close(self) -> None:
