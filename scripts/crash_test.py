@@ -19,8 +19,8 @@ and appear only as the build promises (the card only once every shard is complet
 
 A run resumed to the end must equal its reference: for a transcription the accounting (epsilon,
 RDP epsilon, queries, events, ledger total), the weights, the sample grid and the metrics, with
-no temporary file and no checkpoint left (it contains the noise secret); for a build every
-shard and the label counts. A kill counts as survived when all of these checks held.
+no temporary file and no checkpoint that contains the noise secret; for a build every shard and the
+label counts. A kill counts as survived when all of these checks held.
 
 Usage:
     python scripts/crash_test.py [--target transcribe|build|all] [--kills 20] [--seed 0]
@@ -288,12 +288,30 @@ def compare_with_reference(run_dir: Path, reference_dir: Path) -> list[str]:
     if (run_dir / "samples.png").read_bytes() != (reference_dir / "samples.png").read_bytes():
         problems.append("samples.png differs from the uninterrupted run")
     problems += compare_metrics(run_dir / "metrics.jsonl", reference_dir / "metrics.jsonl")
-    if (run_dir / "private" / "checkpoint.pt").exists():
-        problems.append("the finished run still has private/checkpoint.pt, which contains the noise secret")
+    problems += check_no_secret_left(run_dir)
     left = temporaries(run_dir)
     if left:
         problems.append(f"the finished run still has temporary files: {left}")
     return problems
+
+
+def check_no_secret_left(run_dir: Path) -> list[str]:
+    """Check that a finished run keeps no checkpoint with its noise secret.
+
+    A kill between writing the report and deleting the checkpoint may leave the checkpoint, but
+    synthgen replaces its secret before the report is written. The runs here fix the secret with
+    noise_seed, so the check compares against that.
+    """
+    import torch
+
+    checkpoint = run_dir / "private" / "checkpoint.pt"
+    if not checkpoint.exists():
+        return []
+    secret = json.loads((run_dir / "private" / "run_config.json").read_text())["config"]["noise_seed"]
+    stored_secret = torch.load(checkpoint, map_location="cpu", weights_only=True)["noise_secret"]
+    if secret is None or stored_secret == str(secret):
+        return ["the finished run still has private/checkpoint.pt with the noise secret"]
+    return []
 
 
 def compare_metrics(path: Path, reference: Path) -> list[str]:
@@ -411,8 +429,8 @@ class TranscribeTarget:
             return "done"
         if (run / "private" / "run_config.json").exists():
             return "resume"
-        if not run.exists() or not any(run.iterdir()):
-            return "fresh"
+        if not run.exists() or all(is_temporary(entry.name) for entry in run.iterdir()):
+            return "fresh"  # temporaries of a killed start-up do not make the folder used
         return "stuck"
 
     def command(self, victim: Victim, start: str) -> list[str]:

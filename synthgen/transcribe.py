@@ -286,7 +286,7 @@ def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
                 f"cannot resume {run_dir}: {', '.join(changed)} differ from the interrupted run; use the same settings"
             )
         return run_dir, saved["run_id"]
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not _is_stale_temporary(entry) for entry in run_dir.iterdir()):
         if run_config.is_file():
             raise TranscriptionError(f"{run_dir} contains an interrupted run: pass --resume to continue it, or choose another --out")
         raise TranscriptionError(f"{run_dir} exists and is not empty; choose another --out")
@@ -306,6 +306,24 @@ class _Run:
         self.run_id = run_id
         self.ledger = ledger
         meta = setup.teacher.meta
+def _is_stale_temporary(entry: Path) -> bool:
+    """Tell whether `entry` is a temporary that a killed start-up left, which the next start sweeps."""
+    return entry.name.startswith(".") and entry.name.endswith(".tmp")
+
+
+def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> None:
+    """Create the private folder with run_config.json in one rename.
+
+    A kill at any moment leaves either no private folder (the folder is still fresh) or one whose
+    run_config.json names the run id, so that --resume finds every charge made under it. No
+    charge can precede this: the ledger is charged only by the training loop.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(run_dir)
+    with atomic_directory(run_dir / PRIVATE_DIR) as private:
+        atomic_write_json(private / "run_config.json", {"run_id": run_id, "config": asdict(config)})
+
+
         channels, height, _ = meta.input_shape
         self.class_names = list(meta.class_names)
         torch.manual_seed(config.seed)
@@ -572,11 +590,11 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
         else:
             logger.warning("mechanism 'none': the teacher is queried without noise; the result is NOT private")
 
-        (run_dir / PRIVATE_DIR).mkdir(parents=True, exist_ok=True)
-        sweep_stale_temporaries(run_dir)
-        sweep_stale_temporaries(run_dir / PRIVATE_DIR)
-        if not config.resume:
-            atomic_write_json(run_dir / PRIVATE_DIR / "run_config.json", {"run_id": run_id, "config": asdict(config)})
+        if config.resume:
+            sweep_stale_temporaries(run_dir)
+            sweep_stale_temporaries(run_dir / PRIVATE_DIR)
+        else:
+            _create_run_dir(run_dir, run_id, config)
         run = _Run(config, setup, run_dir, run_id, ledger)
         if config.resume:
             if run.load_checkpoint():
@@ -646,10 +664,28 @@ def _finish(run: _Run, elapsed: float) -> dict:
         "run_id": run.run_id,
     })
     atomic_write_json(run.run_dir / REPORT_FILE, report)  # written last: marks the run complete
-    # The checkpoint contains the noise secret and is no longer needed.
+    # A kill just before this line leaves a checkpoint whose noise secret was scrubbed above.
     run.checkpoint_path().unlink(missing_ok=True)
     if run.ledger is not None:
         run.ledger.drop_answers(run.run_id)
     logger.info("run complete in %.0f s: %s", elapsed, run.run_dir)
     return report
     resolve_device(config.device)  # an unusable device is invalid input: reject it before anything is written
+def _scrub_noise_secret(path: Path) -> None:
+    """Replace the noise secret in a checkpoint with a fresh random value.
+
+    Called once every iteration is charged: the ledger then stores every answer after the
+    checkpoint's step, so a run resumed from it replays them and draws no noise, and its final
+    state and accounting equal those of an uninterrupted run. No file of the finished run
+    then contains the secret, whatever moment a kill lands at.
+    """
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["noise_secret"] = str(int.from_bytes(secrets.token_bytes(16), "little"))
+    payload = io.BytesIO()
+    torch.save(state, payload)
+    atomic_write_bytes(path, payload.getvalue())
+
+
+    _scrub_noise_secret(run.checkpoint_path())
