@@ -90,6 +90,8 @@ def _cmd_transcribe(args) -> int:
     result = transcribe(config)
     if not result.completed:
         print(json.dumps({"run_dir": str(result.run_dir), "completed": False}, indent=2))
+    if not result.main_process:
+        return 0  # another rank of a distributed run; rank 0 prints the summary
         return 0
     report = result.report
     summary = {

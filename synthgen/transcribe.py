@@ -40,6 +40,7 @@ from .privacy.accounting import (
 from .privacy.ledger import TEACHER_UNIT, Ledger, LedgerKey
 from .privacy.mechanism import LabelMechanism, MechanismConfig, NoisyAnswer
 from .replay import ReplayBuffer
+from . import distributed
 from .teacher import LoadedTeacher, evaluate_accuracy, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class TranscriptionResult:
     report: dict
     completed: bool
 
+    main_process: bool = True  # False on the other ranks of a distributed run, which write no report
 
 # ---------------------------------------------------------------- validation and setup
 
@@ -339,7 +341,8 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         self.device = resolve_device(config.device)
         self.generator.to(self.device)
         self.student.to(self.device)
-        self.buffer = ReplayBuffer(config.replay_size, (channels, height, height), meta.num_classes, self.device)
+        self.buffer = ReplayBuffer(config.replay_size // self.dist.world_size, (channels, height, height),
+                                   meta.num_classes, self.device)
         self.step = 0
         if config.noise_seed is not None:
             self.noise_secret = int(config.noise_seed)
@@ -348,7 +351,17 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         self.key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit or "none")
         self.bank = setup.teacher.bank().to(self.device)
         if config.mechanism in ("gaussian", "noisy-label"):
-            self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge, self.noise_secret)
+        # One process unless started by torchrun or accelerate; see synthgen.distributed.
+        self.dist = distributed.connect(self.device)
+        self.device = self.dist.device(self.device)
+        self.private = setup.planned is not None  # the ledger is charged (on rank 0) for every query
+        try:
+            self.local_batch = self.dist.split(config.batch_size, "batch_size")
+            self.local_replay_batch = self.dist.split(config.replay_batch, "replay_batch")
+        except ValueError as error:
+            raise TranscriptionError(str(error)) from None
+            self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge,
+                                            distributed.rank_noise_secret(self.noise_secret, self.dist.rank))
         else:
             self.mechanism = _DirectLabeller(self.bank, setup.mechanism)
         self.queries = 0
@@ -356,13 +369,41 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         # the interrupted process, so forward passes here plus these equal the charged queries.
         self.replayed_examples = 0
         self.metrics_path = run_dir / "metrics.jsonl"
+        if self.dist.enabled:
+            if self.dist.is_main:
+                distributed.prepare_in_turn(self.dist)  # lets the other ranks load their setup now
+            self.run_id, self.noise_secret = self.dist.broadcast_object((run_id, self.noise_secret))
+            # Same models on every rank (seeded above), different latents per rank from here on.
+            torch.manual_seed(distributed.rank_seed(config.seed, self.dist.rank))
         self.last_accuracy: float | None = None
 
     # -------------------------------------------------------- privacy bookkeeping
 
     def _charge(self, step: int, event: PrivacyEvent, answer: NoisyAnswer) -> None:
-        self.ledger.charge(self.run_id, step, self.key, event, answer.to_bytes())
-        self.queries += event.count
+        if not self.dist.enabled:
+            self.ledger.charge(self.run_id, step, self.key, event, answer.to_bytes())
+            self.queries += event.count
+            return
+        # Rank 0 charges the queries of all ranks as one spend and stores the joined answer.
+        gathered = self.dist.gather_objects((event.to_dict(), answer.to_bytes()))
+        outcome = None
+        if self.dist.is_main:
+            try:
+                events = [PrivacyEvent(**entry) for entry, _ in gathered]
+                if any((e.kind, e.parameter) != (event.kind, event.parameter) for e in events):
+                    raise RuntimeError(f"ranks answered step {step} with different mechanisms: {events}")
+                total = PrivacyEvent(event.kind, event.parameter, sum(e.count for e in events), event.sampling_rate)
+                self.ledger.charge(self.run_id, step, self.key, total,
+                                   distributed.join_answers([payload for _, payload in gathered]).to_bytes())
+                outcome = total.count
+            except BaseException as error:
+                self.dist.broadcast_object(f"rank 0 failed to charge step {step}: {error!r}")
+                raise
+        # The collective after the charge: no rank returns (and uses its answer) before rank 0 has charged.
+        outcome = self.dist.broadcast_object(outcome)
+        if isinstance(outcome, str):
+            raise RuntimeError(outcome)
+        self.queries += outcome
 
     def spent_epsilon(self) -> float:
         if self.setup.teacher_dp is not None:
@@ -384,11 +425,24 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             "student": self.student.state_dict(),
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict(),
+            **rank_state,
+    def _rank_state(self) -> dict:
+        """The part of a checkpoint that differs between ranks."""
+        return {
             "buffer": self.buffer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "noise_secret": str(self.noise_secret),
             "teacher_forward_examples": self.bank.forward_examples,
+        }
+
+            "noise_secret": str(self.noise_secret),
+        rank_state = self._rank_state()
+        if self.dist.enabled:
+            # Every rank's buffer and random state goes into rank 0's checkpoint, on the CPU so
+            # that any rank can load it.
+            rank_states = self.dist.gather_objects(_to_cpu(rank_state))
+            if not self.dist.is_main:
+                return
             "replayed_examples": self.replayed_examples,
             "last_accuracy": self.last_accuracy,
         }
@@ -401,9 +455,33 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
 
     def load_checkpoint(self) -> bool:
         path = self.checkpoint_path()
-        if not path.is_file():
+        if self.dist.enabled:
+            # Only rank 0 reads the file (other nodes may not see it) and sends it to every rank.
+            state = None
+            if self.dist.is_main and path.is_file():
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = self.dist.broadcast_object(state)
+            if state is None:
+                return False
+            if state.get("world_size", 1) != self.dist.world_size:
+                raise TranscriptionError(
+                    f"the checkpoint in {self.run_dir} was written by {state.get('world_size', 1)} process(es) but "
+                    f"{self.dist.world_size} are running; resume with --nproc_per_node/--num_processes set to the "
+                    "original count"
+                )
+            state.update(state.pop("ranks")[self.dist.rank])
+        elif not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        if self.dist.enabled:
+            state["world_size"] = self.dist.world_size
+            state["ranks"] = rank_states
+        else:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            if state.get("world_size", 1) != 1:
+                raise TranscriptionError(
+                    f"the checkpoint in {self.run_dir} was written by {state['world_size']} processes; resume it with "
+                    "torchrun or accelerate launch on the same number of processes"
+                )
         self.step = int(state["step"])
         self.queries = int(state["queries"])
         self.generator.load_state_dict(state["generator"])
@@ -416,11 +494,12 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.noise_secret = int(state["noise_secret"])
         if isinstance(self.mechanism, LabelMechanism):
-            self.mechanism._secret = self.noise_secret
+            self.mechanism._secret = distributed.rank_noise_secret(self.noise_secret, self.dist.rank)
         self.bank.forward_examples = int(state["teacher_forward_examples"])
         self.replayed_examples = int(state["replayed_examples"])
         self.last_accuracy = state["last_accuracy"]
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -440,29 +519,48 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
     # -------------------------------------------------------- one iteration
 
     def _answer(self, images: torch.Tensor, student_probs: torch.Tensor) -> NoisyAnswer:
-        if self.ledger is not None:
-            stored = self.ledger.stored_answer(self.run_id, self.step)
+        # Counts are global: images.shape[0] per rank, the same on every rank.
+        global_count = images.shape[0] * self.dist.world_size
+        if self.private:
+            stored = self._stored_answer()
             if stored is not None:
                 # Charged before an interruption: re-using the stored answer is free, asking again is not.
-                self.queries += images.shape[0]
-                self.replayed_examples += images.shape[0]
+                self.queries += global_count
+                self.replayed_examples += global_count
                 return NoisyAnswer.from_bytes(stored, self.device)
         answer = self.mechanism.annotate(images, student_probs, self.step)
-        if self.ledger is None:
-            self.queries += images.shape[0]  # not private: counted, not charged
+        if not self.private:
+            self.queries += global_count  # not private: counted, not charged
         return answer
 
     def iterate(self) -> dict:
         config = self.config
         self.generator.train()
         self.student.train()
-        z = self.generator.sample_latents(config.batch_size)
+        z = self.generator.sample_latents(self.local_batch)
         # One generator forward serves both the query and the first generator update.
         generated = self.generator(z) if config.generator_steps else None
         with torch.no_grad():
             source = generated.detach() if generated is not None else self.generator(z)
             pixels = (source * 255).round().to(torch.uint8)  # (B, C, H, W): the 8-bit images that are queried
             images = pixels.float() / 255
+    def _stored_answer(self) -> bytes | None:
+        """Return this rank's part of the answer the ledger stored for the current step, if any."""
+        if not self.dist.enabled:
+            return self.ledger.stored_answer(self.run_id, self.step)
+        parts = None
+        if self.dist.is_main:
+            stored = self.ledger.stored_answer(self.run_id, self.step)
+            try:
+                parts = None if stored is None else distributed.split_answer(stored, self.dist.world_size,
+                                                                             self.local_batch)
+            except ValueError as error:
+                parts = str(error)
+        parts = self.dist.broadcast_object(parts)
+        if isinstance(parts, str):
+            raise TranscriptionError(parts)
+        return None if parts is None else parts[self.dist.rank]
+
             student_probs = F.softmax(self.student(images), dim=1)
         answer = self._answer(images, student_probs)
         self.buffer.add(pixels, answer.targets)
@@ -470,7 +568,7 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         student_loss = 0.0
         for _ in range(config.student_steps):
             batch_images, batch_targets = images, answer.targets
-            replayed = self.buffer.sample(config.replay_batch)
+            replayed = self.buffer.sample(self.local_replay_batch)
             if replayed is not None:
                 batch_images = torch.cat([images, replayed[0]])
                 batch_targets = torch.cat([answer.targets, replayed[1]])
@@ -489,6 +587,7 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
+            self.dist.average_gradients(self.student)
         for parameter in self.student.parameters():
             parameter.requires_grad_(False)
         try:
@@ -496,6 +595,8 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.generator_optimizer.step()
+        self.dist.broadcast_buffers(self.generator)
+        student_loss, generator_loss = self.dist.mean([student_loss, generator_loss])
         finally:
             for parameter in self.student.parameters():
                 parameter.requires_grad_(True)
@@ -506,6 +607,7 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
 
         `targets` are the DP labels of the same latents, (B, classes).
         """
+            self.dist.average_gradients(self.generator)
         config = self.config
         features = self.student.embed(images)
         logits = self.student.fc2(features)
@@ -546,6 +648,14 @@ class _DirectLabeller:
         self.__bank = bank
         self.config = config
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
     @torch.no_grad()
     def annotate(self, images: torch.Tensor, student_probs: torch.Tensor, step: int) -> NoisyAnswer:
         probs = F.softmax(self.__bank(images)[0] / self.config.temperature, dim=1)
@@ -577,6 +687,8 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
             remaining = PrivacyEvent(setup.planned.kind, setup.planned.parameter, setup.planned.count - already)
             total = ledger.check_budget(key, [remaining], config.delta, config.budget_epsilon)
             if config.budget_epsilon is not None and ledger.budget(key) is None:
+    if distributed.is_worker_process():
+        return distributed.run_worker(config)  # ranks > 0 of torchrun or accelerate launch: no ledger, no files
                 ledger.set_budget(key, config.budget_epsilon, config.delta)
             ledger.register_run(run_id, key, setup.planned, config.epsilon, config.delta, str(run_dir.resolve()))
             logger.info("privacy: unit=%s mechanism=%s planned queries=%d parameter=%.6g; after this run the %s "
@@ -611,18 +723,19 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
 def _train(run: _Run, tqdm) -> TranscriptionResult:
     config = run.config
     started = time.time()
-    progress = tqdm(total=config.steps, initial=run.step, desc="transcribe", unit="it")
+    main = run.dist.is_main  # only rank 0 evaluates and writes files
+    progress = tqdm(total=config.steps, initial=run.step, desc="transcribe", unit="it", **({} if main else {"disable": True}))
     metrics: dict = {}
     while run.step < config.steps:
         if config.stop_after is not None and run.step >= config.stop_after:
             progress.close()
             logger.info("stopped after iteration %d as requested; continue with --resume", run.step)
-            return TranscriptionResult(run.run_dir, {}, completed=False)
+            return TranscriptionResult(run.run_dir, {}, completed=False, main_process=main)
         metrics = run.iterate()
         run.step += 1
         record = {"step": run.step, "queries": run.queries, **metrics}
         evaluate_now = config.eval_every and run.step % config.eval_every == 0
-        if evaluate_now or run.step == config.steps:
+        if main and (evaluate_now or run.step == config.steps):
             accuracy = run.evaluate()
             record["epsilon_spent"] = run.spent_epsilon()
             if accuracy is not None:
@@ -651,6 +764,10 @@ def _finish(run: _Run, elapsed: float) -> dict:
     for name, model in (("generator", run.generator), ("student", run.student)):
         with atomic_directory(run.run_dir / name) as tmp:
             model.eval()
+    # Rank 0's report counts the teacher passes of all ranks, to compare with the global queries.
+    run.bank.forward_examples = run.dist.sum_int(run.bank.forward_examples)
+    if not main:
+        return TranscriptionResult(run.run_dir, {}, completed=True, main_process=False)
             model.save_pretrained(str(tmp))
     # At most 8 x 256 draws: enough for a trained generator, and quick when a short run has not
     # learned every class yet.
