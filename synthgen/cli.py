@@ -90,8 +90,6 @@ def _cmd_transcribe(args) -> int:
     result = transcribe(config)
     if not result.completed:
         print(json.dumps({"run_dir": str(result.run_dir), "completed": False}, indent=2))
-    if not result.main_process:
-        return 0  # another rank of a distributed run; rank 0 prints the summary
         return 0
     report = result.report
     summary = {
@@ -131,9 +129,6 @@ def _cmd_ledger(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="synthgen",
 def _os_error_message(args: argparse.Namespace, error: OSError) -> str:
     """Describe an operating-system error for the user: what failed, on which file, and what to do."""
     command = args.command
@@ -146,6 +141,9 @@ def _os_error_message(args: argparse.Namespace, error: OSError) -> str:
     return message
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synthgen",
         description="Differentially private model transcription: turn a classifier into a DP student and a DP "
                     "generator without touching the private data again.",
         epilog=_EPILOG,
@@ -194,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
         logger.error("%s", error)
         return 2
-    except KeyboardInterrupt:
-        logger.error("interrupted; an interrupted transcription continues with --resume")
-        return 130
-
     except LedgerLockedError as error:
         logger.error("%s", error)
         return 5
     except OSError as error:
         logger.error("%s", _os_error_message(args, error))
         return 5
+    except KeyboardInterrupt:
+        logger.error("interrupted; an interrupted transcription continues with --resume")
+        return 130
+
 
 if __name__ == "__main__":
     sys.exit(main())

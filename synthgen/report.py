@@ -7,6 +7,7 @@ the private data or the teacher (those stay in the run's private folder).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 from importlib import metadata
 
@@ -28,7 +29,18 @@ def mechanism_facts(run) -> dict:
              "temperature": mechanism.temperature, "neighbouring_relation": "replace-one"}
     if config.mechanism == "dp-teacher":
         facts["description"] = "the DP-SGD teacher's probabilities on the student's top-k classes, without noise"
-    if config.mechanism == "gaussian":
+    if mechanism.mode == "gnmax":
+        facts.update({
+            "name": "gnmax",
+            "l2_sensitivity": math.sqrt(2.0),
+            "noise_multiplier": mechanism.noise_multiplier,
+            "noise_std": mechanism.noise_multiplier * math.sqrt(2.0),
+            "description": "each teacher votes for its most likely class among the student's top-k; the vote "
+                           "histogram plus N(0, noise_std^2) per class, and its argmax is the label (GNMax, Papernot "
+                           "et al. 2018); one example changes one teacher's vote, so the histogram's L2 sensitivity "
+                           "is sqrt(2) under replace-one",
+        })
+    elif config.mechanism == "gaussian":
         sensitivity = 2.0 * mechanism.clip_norm / run.bank.num_teachers
         facts.update({
             "clip_norm": mechanism.clip_norm,
@@ -89,13 +101,19 @@ def build_report(run, elapsed_seconds: float) -> dict:
             "noise_seed": "fixed by the user (tests only: the guarantee assumes the seed is secret)"
                           if config.noise_seed is not None else "secret, drawn from os.urandom",
         })
-        if config.mechanism == "noisy-label":
+        if run.setup.mechanism.mode == "noisy-label":
             report["per_query_label_dp"] = {
                 "epsilon": run.setup.mechanism.eps0,
                 "note": "each synthetic label is eps0-label-DP on its own; this is not a guarantee about the private "
                         "data, see 'epsilon' for that",
             }
     report["mechanism"] = mechanism_facts(run)
+    if private and dp_teacher is None:
+        # Every query is charged its full worst-case cost, whatever the teachers answered.
+        report["accounting_method"] = "data-independent"
+    ensemble_facts = getattr(run.setup.teacher, "privacy_facts", None)
+    if ensemble_facts is not None:
+        report["ensemble"] = ensemble_facts()
     report.update({
         "queries": run.queries,
         "planned_queries": config.steps * config.batch_size,

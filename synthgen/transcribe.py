@@ -37,7 +37,8 @@ from .privacy.accounting import (
     PrivacyEvent, accountant_versions, calibrate_gaussian, calibrate_randomized_response, pld_epsilon,
     rdp_epsilon, validate_delta, validate_epsilon,
 )
-from .privacy.ledger import TEACHER_UNIT, Ledger, LedgerKey
+from .ensemble import privacy_unit
+from .privacy.ledger import EXAMPLE_UNIT, TEACHER_UNIT, Ledger, LedgerKey
 from .privacy.mechanism import LabelMechanism, MechanismConfig, NoisyAnswer
 from .replay import ReplayBuffer
 from . import distributed
@@ -135,8 +136,7 @@ def _prepare(config: TranscribeConfig) -> _Setup:
     private = None
     if config.private_data:
         private = load_image_data(config.private_data, "train")
-    teacher = load_teacher(config.teacher, factory=config.teacher_factory, meta=config.teacher_meta, data=private,
-                           trust_pickle=config.trust_pickle)
+    teacher = _load_teacher_or_ensemble(config, private)
     meta = teacher.meta
     fingerprint = meta.dataset_fingerprint
     num_examples = meta.num_examples
@@ -180,9 +180,11 @@ def _prepare(config: TranscribeConfig) -> _Setup:
         except ValueError as error:
             raise TranscriptionError(str(error)) from None
         # One teacher: changing one example may change the teacher arbitrarily, so the only
-        # sound unit is the whole teacher.
-        unit = TEACHER_UNIT
-        if config.mechanism == "gaussian":
+        # sound unit is the whole teacher. Only an ensemble on >= 2 disjoint shards is example-level.
+        unit = privacy_unit(teacher)
+        if config.mechanism == "noisy-label" and unit == EXAMPLE_UNIT:
+            mechanism.mode = "gnmax"  # the label-sensitive mode of an ensemble
+        if mechanism.mode in ("gaussian", "gnmax"):
             mechanism.noise_multiplier = calibrate_gaussian(float(config.epsilon), float(config.delta), planned_queries)
             planned = PrivacyEvent("gaussian", mechanism.noise_multiplier, planned_queries)
         else:
@@ -197,6 +199,15 @@ def _prepare(config: TranscribeConfig) -> _Setup:
         logger.info("calibrated for %d queries: epsilon %.4g (PLD), %.4g (RDP) at delta %g",
                     planned_queries, pld_value, rdp_value, config.delta)
     return _Setup(teacher, fingerprint, num_examples, eval_data, unit, mechanism, planned, teacher_dp)
+
+
+def _load_teacher_or_ensemble(config: TranscribeConfig, private: ImageData | None):
+    from .ensemble import is_ensemble, load_ensemble
+
+    if is_ensemble(config.teacher):
+        return load_ensemble(config.teacher, data=private)
+    return load_teacher(config.teacher, factory=config.teacher_factory, meta=config.teacher_meta, data=private,
+                        trust_pickle=config.trust_pickle)
 
 
 def _check_dp_teacher(config: TranscribeConfig, teacher: LoadedTeacher) -> dict:

@@ -13,6 +13,11 @@ Modes:
   (example-level unit), moves one vector of norm C to another of norm C.
 - ``noisy-label`` (label-sensitive), K = 1: randomized response with the student's prediction
   as prior (RRWithPrior, Ghazi et al. 2021, Algorithm 2), eps0-DP per call.
+- ``gnmax`` (label-sensitive), K >= 2: each teacher votes for its most likely class among the
+  student's top-k; the vote histogram gets N(0, (m * sqrt(2))^2) noise per class and the noisy
+  argmax is released (GNMax, Papernot et al. 2018). sqrt(2) is the L2 sensitivity of the
+  histogram under replace-one: one example changes one teacher, which moves one vote from one
+  class to another. Releasing only the argmax is post-processing of the noisy histogram.
 - ``none``: no noise and no accounting. For measuring the engine itself; never private.
 """
 
@@ -29,7 +34,7 @@ from torch.nn import functional as F
 
 from .accounting import GAUSSIAN, RANDOMIZED_RESPONSE, PrivacyEvent
 
-MODES = ("gaussian", "noisy-label", "none")
+MODES = ("gaussian", "noisy-label", "gnmax", "none")
 
 
 class TeacherEnsemble(Protocol):
@@ -68,7 +73,7 @@ class MechanismConfig:
     top_k: int = 3
     clip_norm: float = 1.0
     temperature: float = 1.0
-    noise_multiplier: float = 0.0  # gaussian: noise std / L2 sensitivity
+    noise_multiplier: float = 0.0  # gaussian and gnmax: noise std / L2 sensitivity
     eps0: float = 0.0  # noisy-label: pure-DP parameter of one call
     extra: dict = field(default_factory=dict)
 
@@ -101,8 +106,10 @@ class LabelMechanism:
     ):
         if config.mode == "noisy-label" and teachers.num_teachers != 1:
             raise ValueError("the noisy-label mode with randomized response needs exactly one teacher")
-        if config.mode == "gaussian" and config.noise_multiplier <= 0:
-            raise ValueError(f"gaussian mode needs a calibrated noise_multiplier > 0, got {config.noise_multiplier}")
+        if config.mode == "gnmax" and teachers.num_teachers < 2:
+            raise ValueError(f"the gnmax mode needs an ensemble of >= 2 teachers, got {teachers.num_teachers}")
+        if config.mode in ("gaussian", "gnmax") and config.noise_multiplier <= 0:
+            raise ValueError(f"{config.mode} mode needs a calibrated noise_multiplier > 0, got {config.noise_multiplier}")
         if config.mode == "noisy-label" and config.eps0 <= 0:
             raise ValueError(f"noisy-label mode needs a calibrated eps0 > 0, got {config.eps0}")
         self.__teachers = teachers  # name-mangled: no other object is meant to reach the teachers
@@ -114,7 +121,9 @@ class LabelMechanism:
 
     @property
     def sensitivity(self) -> float:
-        """L2 sensitivity of one Gaussian answer under replace-one: 2C / K."""
+        """L2 sensitivity of one answer under replace-one: 2C / K (gaussian), sqrt(2) votes (gnmax)."""
+        if self.config.mode == "gnmax":
+            return math.sqrt(2.0)
         return 2.0 * self.config.clip_norm / self.num_teachers
 
     @property
@@ -122,7 +131,7 @@ class LabelMechanism:
         return self.config.noise_multiplier * self.sensitivity
 
     def event(self, count: int) -> PrivacyEvent | None:
-        if self.config.mode == "gaussian":
+        if self.config.mode in ("gaussian", "gnmax"):
             return PrivacyEvent(GAUSSIAN, self.config.noise_multiplier, count)
         if self.config.mode == "noisy-label":
             return PrivacyEvent(RANDOMIZED_RESPONSE, self.config.eps0, count)
@@ -137,6 +146,8 @@ class LabelMechanism:
         probs = self._teacher_probabilities(images)  # (K, B, classes)
         if self.config.mode == "noisy-label":
             answer = self._randomized_response(probs[0], student_probs, rng)
+        elif self.config.mode == "gnmax":
+            answer = self._gnmax(probs, student_probs, rng)
         else:
             answer = self._gaussian(probs, student_probs, rng)
         event = self.event(images.shape[0])
@@ -164,6 +175,39 @@ class LabelMechanism:
         else:
             noisy = mean
         return NoisyAnswer(self._to_targets(noisy, classes, student_probs.shape[1]), classes, noisy)
+
+    def _noisy_votes(self, probs: torch.Tensor, student_probs: torch.Tensor,
+                     rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the student's top-k classes (B, k) and the noisy vote histogram over them (B, k)."""
+        k = min(self.config.top_k, student_probs.shape[1])
+        classes = student_probs.topk(k, dim=1).indices  # from the student: costs nothing
+        index = classes.unsqueeze(0).expand(probs.shape[0], -1, -1)
+        votes = probs.gather(2, index).argmax(dim=2)  # (K, B): each teacher's vote, a position in the top-k
+        histogram = F.one_hot(votes, k).sum(dim=0).float()
+        noisy = histogram + torch.randn(histogram.shape, generator=rng).to(histogram.device) * self.noise_std
+        return classes, noisy
+
+    def _gnmax(self, probs: torch.Tensor, student_probs: torch.Tensor, rng: torch.Generator) -> NoisyAnswer:
+        classes, noisy = self._noisy_votes(probs, student_probs, rng)
+        winner = noisy.argmax(dim=1)  # (B,)
+        label = classes.gather(1, winner[:, None]).squeeze(1)
+        values = F.one_hot(winner, classes.shape[1]).float()
+        return NoisyAnswer(F.one_hot(label, student_probs.shape[1]).float(), classes, values)
+
+    @torch.no_grad()
+    def noisy_histogram(self, images: torch.Tensor, student_probs: torch.Tensor, step: int) -> torch.Tensor:
+        """Answer one batch with the noisy vote histogram itself (gnmax mode), charged like `annotate`.
+
+        The histogram is the quantity the accountant covers; `annotate` releases only its argmax.
+        """
+        if self.config.mode != "gnmax":
+            raise ValueError("noisy_histogram is defined for the gnmax mode only")
+        rng = torch.Generator().manual_seed(step_seed(self._secret, step))
+        classes, noisy = self._noisy_votes(self._teacher_probabilities(images), student_probs, rng)
+        answer = NoisyAnswer(torch.zeros_like(student_probs), classes, noisy)
+        self._charge(step, self.event(images.shape[0]), answer)
+        self.queries_answered += images.shape[0]
+        return noisy
 
     @staticmethod
     def _to_targets(noisy: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
