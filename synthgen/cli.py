@@ -13,6 +13,7 @@ import typing
 from .audit_cli import add_commands as add_audit_commands
 from .config import TeacherTrainConfig, TranscribeConfig, build_config, load_config_file
 from .dataset_cli import add_commands as add_dataset_commands
+from .ensemble_cli import add_commands as add_ensemble_commands
 from .hub_cli import add_commands as add_hub_commands
 
 logger = logging.getLogger("synthgen")
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_commands(commands)
     add_hub_commands(commands)
     add_audit_commands(commands)
+    add_ensemble_commands(commands)
     return parser
 
 
