@@ -89,6 +89,8 @@ def _cmd_transcribe(args) -> int:
 
     config = _collect(args, TranscribeConfig)
     result = transcribe(config)
+    if not result.main_process:
+        return 0  # another rank of a distributed run; rank 0 prints the summary
     if not result.completed:
         print(json.dumps({"run_dir": str(result.run_dir), "completed": False}, indent=2))
         return 0

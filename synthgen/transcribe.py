@@ -40,8 +40,8 @@ from .privacy.accounting import (
 from .ensemble import privacy_unit
 from .privacy.ledger import EXAMPLE_UNIT, TEACHER_UNIT, Ledger, LedgerKey
 from .privacy.mechanism import LabelMechanism, MechanismConfig, NoisyAnswer
-from .replay import ReplayBuffer
 from . import distributed
+from .replay import ReplayBuffer
 from .teacher import LoadedTeacher, evaluate_accuracy, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ class TranscriptionResult:
     run_dir: Path
     report: dict
     completed: bool
-
     main_process: bool = True  # False on the other ranks of a distributed run, which write no report
+
 
 # ---------------------------------------------------------------- validation and setup
 
@@ -306,19 +306,6 @@ def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
     return run_dir, uuid.uuid4().hex
 
 
-# ---------------------------------------------------------------- the run
-
-
-class _Run:
-    def __init__(self, config: TranscribeConfig, setup: _Setup, run_dir: Path, run_id: str, ledger: Ledger | None):
-        from .models import Classifier, Generator
-
-        self.config = config
-        self.setup = setup
-        self.run_dir = run_dir
-        self.run_id = run_id
-        self.ledger = ledger
-        meta = setup.teacher.meta
 def _is_stale_temporary(entry: Path) -> bool:
     """Tell whether `entry` is a temporary that a killed start-up left, which the next start sweeps."""
     return entry.name.startswith(".") and entry.name.endswith(".tmp")
@@ -337,6 +324,19 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         atomic_write_json(private / "run_config.json", {"run_id": run_id, "config": asdict(config)})
 
 
+# ---------------------------------------------------------------- the run
+
+
+class _Run:
+    def __init__(self, config: TranscribeConfig, setup: _Setup, run_dir: Path, run_id: str, ledger: Ledger | None):
+        from .models import Classifier, Generator
+
+        self.config = config
+        self.setup = setup
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.ledger = ledger
+        meta = setup.teacher.meta
         channels, height, _ = meta.input_shape
         self.class_names = list(meta.class_names)
         torch.manual_seed(config.seed)
@@ -350,18 +350,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
         self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)
         self.device = resolve_device(config.device)
-        self.generator.to(self.device)
-        self.student.to(self.device)
-        self.buffer = ReplayBuffer(config.replay_size // self.dist.world_size, (channels, height, height),
-                                   meta.num_classes, self.device)
-        self.step = 0
-        if config.noise_seed is not None:
-            self.noise_secret = int(config.noise_seed)
-        else:
-            self.noise_secret = int.from_bytes(secrets.token_bytes(16), "little")
-        self.key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit or "none")
-        self.bank = setup.teacher.bank().to(self.device)
-        if config.mechanism in ("gaussian", "noisy-label"):
         # One process unless started by torchrun or accelerate; see synthgen.distributed.
         self.dist = distributed.connect(self.device)
         self.device = self.dist.device(self.device)
@@ -371,6 +359,24 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             self.local_replay_batch = self.dist.split(config.replay_batch, "replay_batch")
         except ValueError as error:
             raise TranscriptionError(str(error)) from None
+        self.generator.to(self.device)
+        self.student.to(self.device)
+        self.buffer = ReplayBuffer(config.replay_size // self.dist.world_size, (channels, height, height),
+                                   meta.num_classes, self.device)
+        self.step = 0
+        if config.noise_seed is not None:
+            self.noise_secret = int(config.noise_seed)
+        else:
+            self.noise_secret = int.from_bytes(secrets.token_bytes(16), "little")
+        if self.dist.enabled:
+            if self.dist.is_main:
+                distributed.prepare_in_turn(self.dist)  # lets the other ranks load their setup now
+            self.run_id, self.noise_secret = self.dist.broadcast_object((run_id, self.noise_secret))
+            # Same models on every rank (seeded above), different latents per rank from here on.
+            torch.manual_seed(distributed.rank_seed(config.seed, self.dist.rank))
+        self.key = LedgerKey(setup.dataset_fingerprint, setup.teacher.fingerprint, setup.unit or "none")
+        self.bank = setup.teacher.bank().to(self.device)
+        if config.mechanism in ("gaussian", "noisy-label"):
             self.mechanism = LabelMechanism(self.bank, setup.mechanism, self._charge,
                                             distributed.rank_noise_secret(self.noise_secret, self.dist.rank))
         else:
@@ -380,12 +386,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         # the interrupted process, so forward passes here plus these equal the charged queries.
         self.replayed_examples = 0
         self.metrics_path = run_dir / "metrics.jsonl"
-        if self.dist.enabled:
-            if self.dist.is_main:
-                distributed.prepare_in_turn(self.dist)  # lets the other ranks load their setup now
-            self.run_id, self.noise_secret = self.dist.broadcast_object((run_id, self.noise_secret))
-            # Same models on every rank (seeded above), different latents per rank from here on.
-            torch.manual_seed(distributed.rank_seed(config.seed, self.dist.rank))
         self.last_accuracy: float | None = None
 
     # -------------------------------------------------------- privacy bookkeeping
@@ -428,15 +428,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
     def checkpoint_path(self) -> Path:
         return self.run_dir / PRIVATE_DIR / CHECKPOINT_FILE
 
-    def save_checkpoint(self) -> None:
-        state = {
-            "step": self.step,
-            "queries": self.queries,
-            "generator": self.generator.state_dict(),
-            "student": self.student.state_dict(),
-            "generator_optimizer": self.generator_optimizer.state_dict(),
-            "student_optimizer": self.student_optimizer.state_dict(),
-            **rank_state,
     def _rank_state(self) -> dict:
         """The part of a checkpoint that differs between ranks."""
         return {
@@ -446,7 +437,7 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             "teacher_forward_examples": self.bank.forward_examples,
         }
 
-            "noise_secret": str(self.noise_secret),
+    def save_checkpoint(self) -> None:
         rank_state = self._rank_state()
         if self.dist.enabled:
             # Every rank's buffer and random state goes into rank 0's checkpoint, on the CPU so
@@ -454,9 +445,21 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             rank_states = self.dist.gather_objects(_to_cpu(rank_state))
             if not self.dist.is_main:
                 return
+        state = {
+            "step": self.step,
+            "queries": self.queries,
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "student_optimizer": self.student_optimizer.state_dict(),
+            **rank_state,
+            "noise_secret": str(self.noise_secret),
             "replayed_examples": self.replayed_examples,
             "last_accuracy": self.last_accuracy,
         }
+        if self.dist.enabled:
+            state["world_size"] = self.dist.world_size
+            state["ranks"] = rank_states
         payload = io.BytesIO()
         torch.save(state, payload)
         atomic_write_bytes(self.checkpoint_path(), payload.getvalue())
@@ -483,9 +486,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             state.update(state.pop("ranks")[self.dist.rank])
         elif not path.is_file():
             return False
-        if self.dist.enabled:
-            state["world_size"] = self.dist.world_size
-            state["ranks"] = rank_states
         else:
             state = torch.load(path, map_location=self.device, weights_only=True)
             if state.get("world_size", 1) != 1:
@@ -544,17 +544,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             self.queries += global_count  # not private: counted, not charged
         return answer
 
-    def iterate(self) -> dict:
-        config = self.config
-        self.generator.train()
-        self.student.train()
-        z = self.generator.sample_latents(self.local_batch)
-        # One generator forward serves both the query and the first generator update.
-        generated = self.generator(z) if config.generator_steps else None
-        with torch.no_grad():
-            source = generated.detach() if generated is not None else self.generator(z)
-            pixels = (source * 255).round().to(torch.uint8)  # (B, C, H, W): the 8-bit images that are queried
-            images = pixels.float() / 255
     def _stored_answer(self) -> bytes | None:
         """Return this rank's part of the answer the ledger stored for the current step, if any."""
         if not self.dist.enabled:
@@ -572,6 +561,17 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             raise TranscriptionError(parts)
         return None if parts is None else parts[self.dist.rank]
 
+    def iterate(self) -> dict:
+        config = self.config
+        self.generator.train()
+        self.student.train()
+        z = self.generator.sample_latents(self.local_batch)
+        # One generator forward serves both the query and the first generator update.
+        generated = self.generator(z) if config.generator_steps else None
+        with torch.no_grad():
+            source = generated.detach() if generated is not None else self.generator(z)
+            pixels = (source * 255).round().to(torch.uint8)  # (B, C, H, W): the 8-bit images that are queried
+            images = pixels.float() / 255
             student_probs = F.softmax(self.student(images), dim=1)
         answer = self._answer(images, student_probs)
         self.buffer.add(pixels, answer.targets)
@@ -587,6 +587,7 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             loss = -(batch_targets * log_probs).sum(dim=1).mean()
             self.student_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.average_gradients(self.student)
             self.student_optimizer.step()
             student_loss = loss.item()
 
@@ -594,20 +595,20 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
         for repeat in range(config.generator_steps):
             generated = generated if repeat == 0 else self.generator(z)
             generator_loss = self._generator_update(generated, answer.targets)
+        self.dist.broadcast_buffers(self.generator)
+        student_loss, generator_loss = self.dist.mean([student_loss, generator_loss])
         return {"student_loss": student_loss, "generator_loss": generator_loss}
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
-            self.dist.average_gradients(self.student)
         for parameter in self.student.parameters():
             parameter.requires_grad_(False)
         try:
             loss = self.generator_loss(images, targets)
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.average_gradients(self.generator)
             self.generator_optimizer.step()
-        self.dist.broadcast_buffers(self.generator)
-        student_loss, generator_loss = self.dist.mean([student_loss, generator_loss])
         finally:
             for parameter in self.student.parameters():
                 parameter.requires_grad_(True)
@@ -618,7 +619,6 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
 
         `targets` are the DP labels of the same latents, (B, classes).
         """
-            self.dist.average_gradients(self.generator)
         config = self.config
         features = self.student.embed(images)
         logits = self.student.fc2(features)
@@ -648,6 +648,14 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
             handle.write(json.dumps(record) + "\n")
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
 class _DirectLabeller:
     """Teacher answers without noise or per-query accounting.
 
@@ -658,14 +666,6 @@ class _DirectLabeller:
     def __init__(self, bank, config: MechanismConfig):
         self.__bank = bank
         self.config = config
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    return value
-
 
     @torch.no_grad()
     def annotate(self, images: torch.Tensor, student_probs: torch.Tensor, step: int) -> NoisyAnswer:
@@ -687,7 +687,10 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if distributed.is_worker_process():
+        return distributed.run_worker(config)  # ranks > 0 of torchrun or accelerate launch: no ledger, no files
     setup = _prepare(config)
+    resolve_device(config.device)  # an unusable device is invalid input: reject it before anything is written
     run_dir, run_id = _prepare_run_dir(config)
     ledger = None
     try:
@@ -698,8 +701,6 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
             remaining = PrivacyEvent(setup.planned.kind, setup.planned.parameter, setup.planned.count - already)
             total = ledger.check_budget(key, [remaining], config.delta, config.budget_epsilon)
             if config.budget_epsilon is not None and ledger.budget(key) is None:
-    if distributed.is_worker_process():
-        return distributed.run_worker(config)  # ranks > 0 of torchrun or accelerate launch: no ledger, no files
                 ledger.set_budget(key, config.budget_epsilon, config.delta)
             ledger.register_run(run_id, key, setup.planned, config.epsilon, config.delta, str(run_dir.resolve()))
             logger.info("privacy: unit=%s mechanism=%s planned queries=%d parameter=%.6g; after this run the %s "
@@ -763,8 +764,29 @@ def _train(run: _Run, tqdm) -> TranscriptionResult:
         progress.set_postfix(postfix)
     progress.close()
     elapsed = time.time() - started
+    # Rank 0's report counts the teacher passes of all ranks, to compare with the global queries.
+    run.bank.forward_examples = run.dist.sum_int(run.bank.forward_examples)
+    if not main:
+        return TranscriptionResult(run.run_dir, {}, completed=True, main_process=False)
     report = _finish(run, elapsed)
     return TranscriptionResult(run.run_dir, report, completed=True)
+
+
+def _scrub_noise_secret(path: Path) -> None:
+    """Replace the noise secret in a checkpoint with a fresh random value.
+
+    Called once every iteration is charged: the ledger then stores every answer after the
+    checkpoint's step, so a run resumed from it replays them and draws no noise, and its final
+    state and accounting equal those of an uninterrupted run. No file of the finished run
+    then contains the secret, whatever moment a kill lands at.
+    """
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["noise_secret"] = str(int.from_bytes(secrets.token_bytes(16), "little"))
+    payload = io.BytesIO()
+    torch.save(state, payload)
+    atomic_write_bytes(path, payload.getvalue())
 
 
 def _finish(run: _Run, elapsed: float) -> dict:
@@ -772,13 +794,10 @@ def _finish(run: _Run, elapsed: float) -> dict:
     from .report import build_report
 
     config = run.config
+    _scrub_noise_secret(run.checkpoint_path())
     for name, model in (("generator", run.generator), ("student", run.student)):
         with atomic_directory(run.run_dir / name) as tmp:
             model.eval()
-    # Rank 0's report counts the teacher passes of all ranks, to compare with the global queries.
-    run.bank.forward_examples = run.dist.sum_int(run.bank.forward_examples)
-    if not main:
-        return TranscriptionResult(run.run_dir, {}, completed=True, main_process=False)
             model.save_pretrained(str(tmp))
     # At most 8 x 256 draws: enough for a trained generator, and quick when a short run has not
     # learned every class yet.
@@ -798,22 +817,3 @@ def _finish(run: _Run, elapsed: float) -> dict:
         run.ledger.drop_answers(run.run_id)
     logger.info("run complete in %.0f s: %s", elapsed, run.run_dir)
     return report
-    resolve_device(config.device)  # an unusable device is invalid input: reject it before anything is written
-def _scrub_noise_secret(path: Path) -> None:
-    """Replace the noise secret in a checkpoint with a fresh random value.
-
-    Called once every iteration is charged: the ledger then stores every answer after the
-    checkpoint's step, so a run resumed from it replays them and draws no noise, and its final
-    state and accounting equal those of an uninterrupted run. No file of the finished run
-    then contains the secret, whatever moment a kill lands at.
-    """
-    if not path.is_file():
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state["noise_secret"] = str(int.from_bytes(secrets.token_bytes(16), "little"))
-    payload = io.BytesIO()
-    torch.save(state, payload)
-    atomic_write_bytes(path, payload.getvalue())
-
-
-    _scrub_noise_secret(run.checkpoint_path())
