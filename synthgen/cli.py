@@ -10,6 +10,7 @@ import logging
 import sys
 import typing
 
+from .app_cli import add_commands as add_app_commands
 from .audit_cli import add_commands as add_audit_commands
 from .config import TeacherTrainConfig, TranscribeConfig, build_config, load_config_file
 from .dataset_cli import add_commands as add_dataset_commands
@@ -71,11 +72,16 @@ def _cmd_train_teacher(args) -> int:
     config = _collect(args, TeacherTrainConfig)
     if not config.data:
         raise ValueError("no private data given: pass --data FOLDER_OR_HUB_ID")
+    if (config.resume or config.stop_after is not None) and not config.dp:
+        raise ValueError("--resume and --stop-after apply to DP training only: add --dp, or drop them")
     train = load_image_data(config.data, "train")
     if config.limit:
         train = train.subset(config.limit, seed=config.seed)
     test = load_image_data(config.data, config.eval_split) if config.eval_split else None
     teacher = (train_teacher_dp if config.dp else train_teacher)(config, train, test)
+    if teacher is None:  # stopped by --stop-after
+        print(json.dumps({"teacher": config.out, "completed": False}, indent=2))
+        return 0
     summary = {"teacher": config.out, "test_accuracy": teacher.meta.test_accuracy,
                "note": "accuracy on the real test split (evaluation on private data)"}
     if teacher.meta.dp:
@@ -179,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_commands(commands)
     add_audit_commands(commands)
     add_ensemble_commands(commands)
+    add_app_commands(commands)
     return parser
 
 
