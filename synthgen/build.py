@@ -237,6 +237,28 @@ def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance:
         raise
 
 
+def write_rows(data_dir: Path, pipeline, seed: int, rows: int, shard_size: int, class_names: list[str],
+               provenance: dict, split: str = "train") -> list[Path]:
+    """Write rows 0 to rows-1 of the sample stream for `seed` as parquet shards into `data_dir`.
+
+    The rows equal those of `build_dataset` with the same settings, but no card, manifest or
+    privacy check is written or made. It is meant for a non-private control run in a benchmark,
+    which the builder rejects. `pipeline` must come from `prepare_pipeline`, and `provenance`
+    must contain "generator" and "generator_commit".
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    features = dataset_features(class_names)
+    cache = _BlockCache(pipeline, seed)
+    shards = math.ceil(rows / shard_size)
+    files = []
+    for index in range(shards):
+        indices = np.arange(index * shard_size, min((index + 1) * shard_size, rows), dtype=np.int64)
+        path = data_dir / shard_name(split, index, shards)
+        write_shard(path, indices, cache, {**provenance, "seed": seed}, features)
+        files.append(path)
+    return files
+
+
 # ---------------------------------------------------------------- the output folder
 
 
@@ -385,6 +407,9 @@ def _resolve_device(name: str):
     import torch
 
     if name == "auto":
+        # `accelerate launch --cpu` sets ACCELERATE_USE_CPU=True for the processes it starts.
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            return torch.device("cpu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -395,13 +420,32 @@ def _resolve_device(name: str):
     return device
 
 
+# Variables that carry the process rank: torchrun (and `accelerate launch --multi_gpu`, which runs
+# torchrun) set RANK; mpirun (`accelerate launch --cpu --mpirun_hostfile`) sets one of the others.
+_RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
 def _process_state(device):
     """Return accelerate's view of the launched processes (one process when not launched)."""
     from accelerate import PartialState
 
+    _warn_single_cpu_launch()
     # cpu=True makes accelerate treat a torchrun launch on CPUs as multi-process (gloo);
     # without it only GPU launches are detected.
     return PartialState(cpu=device.type == "cpu")
+
+
+def _warn_single_cpu_launch() -> None:
+    """Warn when `accelerate launch --cpu --num_processes N` started this script as a single process.
+
+    accelerate 1.16 starts CPU processes through its simple launcher, which runs the script once
+    unless --mpirun_hostfile is given. It still sets MASTER_ADDR for N > 1, and no rank variable.
+    """
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if launched_on_cpu and "MASTER_ADDR" in os.environ and not any(name in os.environ for name in _RANK_VARIABLES):
+        logger.warning("'accelerate launch --cpu' started this build as one process, which writes every shard (the "
+                       "dataset is the same). For several CPU processes use 'accelerate launch --multi_gpu "
+                       "--num_processes N ... --device cpu' or 'torchrun --nproc_per_node N'")
 
 
 # ---------------------------------------------------------------- the build

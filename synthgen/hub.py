@@ -508,13 +508,31 @@ def _install_snapshot(staging: Path, cache_dir: Path, repo_id: str, commit: str,
     return snapshot
 
 
+def _cached_snapshot(cache_dir: Path, repo_id: str, commit: str, files: list[str]) -> Path | None:
+    """Return the cached snapshot of `commit` when it contains every file a pull downloads, else None."""
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot = cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
+    if not snapshot.is_dir():
+        return None
+    expected = list(filter_repo_objects(files, allow_patterns=ALLOW_PATTERNS))
+    # is_file follows the snapshot's symlinks, so a link to a missing blob counts as missing.
+    missing = [name for name in expected if not (snapshot / name).is_file()]
+    if missing:
+        logger.info("the cached snapshot %s lacks %s; downloading the commit again", snapshot, missing[:5])
+        return None
+    return snapshot
+
+
 def pull(repo_id: str, revision: str | None = None, device: str = "cpu", endpoint: str | None = None,
          token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> PulledRelease:
     """Download a release into the Hugging Face cache and load it.
 
     Online, the revision is resolved to a commit and the file list is checked before anything is
-    downloaded. The snapshot then goes to a staging folder inside the cache folder, is loaded,
-    and only then moves into the cache, so a failed pull leaves no cache entry behind. Offline
+    downloaded. A commit whose snapshot is already complete in the cache is loaded from there
+    without a download. Otherwise the snapshot goes to a staging folder inside the cache folder,
+    is loaded, and only then moves into the cache, so a failed pull leaves no cache entry behind. Offline
     (HF_HUB_OFFLINE=1), the revision is loaded from the cache without any request.
 
     Args:
@@ -556,6 +574,18 @@ def pull(repo_id: str, revision: str | None = None, device: str = "cpu", endpoin
     commit = info.sha
     files = sorted(sibling.rfilename for sibling in info.siblings or [])
     _check_listing(repo_id, commit, files)
+    released = sorted(name for name in files if name in {*_required_files(), AUDIT_FILE})
+    cached = _cached_snapshot(settings.cache_dir, repo_id, commit, files)
+    if cached is not None:
+        # A commit never changes, so a snapshot that contains every file of its listing is that commit.
+        pipeline, report = load_release_folder(cached, device)
+        if revision != commit:
+            from ._io import atomic_write_text
+
+            atomic_write_text(cached.parent.parent / "refs" / revision, commit)
+        logger.info("%s revision %s (commit %s) is already in the cache %s; nothing downloaded", repo_id, revision,
+                    commit, cached)
+        return PulledRelease(repo_id, revision, commit, cached, pipeline, report, cached / CARD_FILE, released)
     logger.info("pulling %s revision %s (commit %s) from %s", repo_id, revision, commit, settings.endpoint)
 
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -569,7 +599,6 @@ def pull(repo_id: str, revision: str | None = None, device: str = "cpu", endpoin
         path = _install_snapshot(staging, settings.cache_dir, repo_id, commit, revision)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    released = sorted(name for name in files if name in {*_required_files(), AUDIT_FILE})
     logger.info("pulled %s: commit %s, unit %s, epsilon %s, in %s", repo_id, commit, report.get("unit"),
                 report.get("epsilon"), path)
     return PulledRelease(repo_id, revision, commit, path, pipeline, report, path / CARD_FILE, released)

@@ -178,21 +178,49 @@ def test_torchrun_two_processes_equal_one(reference, run_dir, tmp_path):
     assert json.loads((out / MANIFEST_FILE).read_text())["complete"] is True
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode, processes", [("--cpu", 1), ("--multi_gpu", 2)])
-def test_accelerate_launch_equals_one_process(reference, run_dir, tmp_path, mode, processes):
-    # NOTE: accelerate 1.16 starts a single process for 'launch --cpu --num_processes 2' unless an
-    # MPI hostfile is configured; '--multi_gpu' starts two through torchrun, also without a GPU.
-    out = tmp_path / "accelerate"
+def accelerate_launch(mode: str, out, run_dir, tmp_path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
                str(SCRIPT), str(run_dir), "--num-samples", str(ROWS), "--shard-size", "200", "--out", str(out),
-               "--device", "cpu", "--no-catalog"]
-    completed = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+               "--no-catalog"]
+    return subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def test_accelerate_two_processes_equal_one(reference, run_dir, tmp_path):
+    # accelerate 1.16 starts CPU processes only through torchrun ('--multi_gpu', which needs no GPU)
+    # or mpirun; '--device auto' picks the CPU on a machine without CUDA.
+    out = tmp_path / "accelerate"
+    completed = accelerate_launch("--multi_gpu", out, run_dir, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert f"process 0 of {processes}:" in completed.stderr
+    assert "process 0 of 2: 2 shards to write" in completed.stderr
+    assert "process 1 of 2: 1 shards to write" in completed.stderr
     same_rows(read_rows(out), read_rows(reference))
+    assert json.loads((out / MANIFEST_FILE).read_text())["complete"] is True
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_flag_starts_one_process(reference, run_dir, tmp_path):
+    out = tmp_path / "accelerate-cpu"
+    completed = accelerate_launch("--cpu", out, run_dir, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "process 0 of 1: 3 shards to write" in completed.stderr
+    assert "started this build as one process" in completed.stderr
+    same_rows(read_rows(out), read_rows(reference))
+
+
+def test_single_process_cpu_launch_is_named(run_dir, tmp_path, monkeypatch, caplog):
+    # The variables 'accelerate launch --cpu --num_processes 2' gives its single process
+    # (accelerate.utils.launch.prepare_simple_launcher_cmd_env, accelerate 1.16).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    result = build(run_dir, tmp_path / "out", num_samples=10)
+    assert result.rows == 10
+    assert "started this build as one process" in caplog.text
+    assert "--multi_gpu" in caplog.text
 
 
 def test_killed_build_resumes_to_same_rows(reference, run_dir, tmp_path):
@@ -270,6 +298,21 @@ def test_per_class_takes_first_samples_of_each_class(spread_release, tmp_path):
     assert rows.column("sample_index").to_pylist() == sorted(expected)
 
 
+def test_chunked_block_equals_pipeline(spread_release):
+    from synthgen.generator_source import load_generator
+    from synthgen.sampling import draw_block, prepare_pipeline
+
+    pipeline = prepare_pipeline(load_generator(str(spread_release)).pipeline, torch.device("cpu"))
+    for block in (7,):  # one block: each costs two generator passes
+        pixels, labels, confidences = draw_block(pipeline, 3, block)
+        rng = torch.Generator().manual_seed(block_seed(3, block))
+        whole = pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
+        np.testing.assert_array_equal(pixels, (whole.images * 255).round().to(torch.uint8).numpy())
+        np.testing.assert_array_equal(labels, whole.labels.numpy())
+        np.testing.assert_array_equal(confidences, whole.confidences.numpy())
+    assert len(set(labels.tolist())) > 1, "the release must give varied labels to test them"
+
+
 def test_per_class_missing_class_is_rejected(run_dir, tmp_path):
     out = tmp_path / "per-class"
     with pytest.raises(SamplingError, match="still missing"):
@@ -327,6 +370,43 @@ def test_hub_generator_to_hub_dataset_round_trip(hub, run_dir, reference, tmp_pa
         assert row["repo_id"] == "tester/synthetic"
         assert row["generator"] == "tester/generator"
         assert opened.sql("SELECT commit FROM releases")["commit"].tolist() == [pushed.commit]
+
+
+def test_pull_of_cached_commit_downloads_nothing(hub, run_dir, tmp_path):
+    from synthgen.hub import pull, push
+
+    pushed = push(run_dir, "tester/generator-cached", revision="v1")
+    first = pull("tester/generator-cached", revision="v1")
+    downloads = [path for _, path in hub.state.requests if "/resolve/" in path]
+    assert downloads, "the first pull downloads the files"
+
+    before = len(hub.state.requests)
+    again = pull("tester/generator-cached", revision="v1")
+    by_commit = pull("tester/generator-cached", revision=pushed.commit)
+    later = hub.state.requests[before:]
+    assert [path for _, path in later if "/resolve/" in path] == []
+    assert len(later) == 2  # one revision lookup per pull
+    assert again.path == by_commit.path == first.path
+    assert again.commit == pushed.commit
+    assert again.files == first.files
+
+    # A build from the cached commit downloads nothing either, and gives the same rows.
+    before = len(hub.state.requests)
+    build("tester/generator-cached", tmp_path / "a", revision="v1", num_samples=20)
+    assert [path for _, path in hub.state.requests[before:] if "/resolve/" in path] == []
+
+
+def test_pull_repairs_incomplete_cached_commit(hub, run_dir):
+    from synthgen.hub import pull, push
+
+    push(run_dir, "tester/generator-damaged")
+    first = pull("tester/generator-damaged")
+    (first.path / "student" / "config.json").unlink()
+    before = len(hub.state.requests)
+    repaired = pull("tester/generator-damaged")
+    assert any("/resolve/" in path for _, path in hub.state.requests[before:])
+    assert (repaired.path / "student" / "config.json").is_file()
+    assert repaired.commit == first.commit
 
 
 def test_missing_revision_is_rejected(hub, run_dir, tmp_path, caplog):
