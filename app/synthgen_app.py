@@ -18,7 +18,7 @@ if str(APP_DIR) not in sys.path:  # the pages import app_common from this folder
 
 from app_common import OPENED, PENDING, SELECTED, catalog  # noqa: E402
 
-from synthgen.app_support import AppDataError, GeneratorChoice, catalog_choices  # noqa: E402
+from synthgen.app_support import AppDataError, GeneratorChoice, catalog_choices, generators_table  # noqa: E402
 
 st.set_page_config(page_title="synthgen", layout="wide")
 
@@ -34,10 +34,11 @@ PAGES = [
 def generator_sidebar() -> None:
     """Offer the catalog's runs and releases plus what this session opened; the choice is shared by all pages."""
     try:
-        choices = [choice.key for choice in catalog_choices(catalog())]
+        snapshot = catalog()
     except AppDataError as error:
         st.sidebar.error(str(error))
-        choices = []
+        snapshot = None
+    choices = [choice.key for choice in catalog_choices(snapshot)] if snapshot else []
     for key in st.session_state.get(OPENED, []):
         if key not in choices:
             choices.insert(0, key)
@@ -51,6 +52,21 @@ def generator_sidebar() -> None:
         return
     st.sidebar.selectbox("Generator", choices, key=SELECTED,
                          format_func=lambda key: GeneratorChoice.from_key(key).label)
+    if snapshot is not None:
+        show_guarantee(snapshot, GeneratorChoice.from_key(st.session_state[SELECTED]))
+
+
+def show_guarantee(snapshot, choice: GeneratorChoice) -> None:
+    """State the selected generator's guarantee from the catalog (a generator opened in this session has no row)."""
+    table = generators_table(snapshot)
+    kind = "release" if choice.is_hub else "run"
+    rows = table[(table["kind"] == kind) & (table["location"] == choice.location)]
+    if choice.is_hub:
+        rows = rows[rows["commit"] == choice.revision]
+    if rows.empty:
+        return
+    row = rows.iloc[0]
+    st.sidebar.caption(f"{row['unit']}-level ({row['epsilon']:.4g}, {row['delta']:g})-DP, mechanism {row['mechanism']}")
 
 
 navigation = st.navigation(PAGES)
