@@ -21,7 +21,7 @@ CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
 PRIVACY_KEYS = (
     "format", "private", "unit", "unit_description", "epsilon", "delta", "target_epsilon", "accountant",
     "rdp_epsilon", "events", "mechanism", "queries", "planned_queries", "steps", "per_query_label_dp",
-    "teacher_dp", "transcription_cost", "ledger_total_epsilon", "noise_seed",
+    "teacher_dp", "transcription_cost", "ledger_total_epsilon", "noise_seed", "accounting_method", "ensemble",
 )
 RELEASED_FILES = {
     "model_index.json": "the DPSDPipeline layout (diffusers format)",

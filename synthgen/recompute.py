@@ -158,7 +158,7 @@ def _check_mechanism(block: dict, events, checks: list[Check]) -> None:
     mechanism = block.get("mechanism") or {}
     name = mechanism.get("name")
     charged = [event for event in events if event.kind != "poisson_gaussian"]
-    if name in ("gaussian", "noisy-label"):
+    if name in ("gaussian", "noisy-label", "gnmax"):
         total = sum(event.count for event in charged)
         checks.append(Check("queries", block.get("queries") == total,
                             f"card states {block.get('queries')!r} queries, the events hold {total}"))
@@ -178,6 +178,20 @@ def _check_mechanism(block: dict, events, checks: list[Check]) -> None:
                             f"need l2_sensitivity = 2 clip_norm / num_teachers and noise_std = noise_multiplier x "
                             f"l2_sensitivity; card has clip_norm {clip!r}, num_teachers {teachers!r}, l2_sensitivity "
                             f"{sensitivity!r}, noise_std {std!r}"))
+    elif name == "gnmax":
+        # The vote histogram's L2 sensitivity under replace-one is sqrt(2), whatever the number of teachers.
+        multiplier = mechanism.get("noise_multiplier")
+        checks.append(Check("noise_multiplier", all(e.kind == "gaussian" and e.parameter == multiplier for e in charged),
+                            f"mechanism.noise_multiplier {multiplier!r}, event parameters "
+                            f"{sorted({e.parameter for e in charged})}"))
+        sensitivity, std = mechanism.get("l2_sensitivity"), mechanism.get("noise_std")
+        try:
+            consistent = _close(sensitivity, math.sqrt(2.0)) and _close(std, multiplier * sensitivity)
+        except TypeError:
+            consistent = False
+        checks.append(Check("noise_scale", consistent,
+                            f"need l2_sensitivity = sqrt(2) and noise_std = noise_multiplier x l2_sensitivity; card "
+                            f"has l2_sensitivity {sensitivity!r}, noise_std {std!r}"))
     elif name == "noisy-label":
         eps0 = mechanism.get("eps0")
         checks.append(Check("eps0", all(e.kind == "randomized_response" and e.parameter == eps0 for e in charged),
@@ -198,5 +212,5 @@ def _check_mechanism(block: dict, events, checks: list[Check]) -> None:
             checks.append(Check("teacher_epsilon", _close(teacher["epsilon"], block.get("epsilon")),
                                 f"teacher_dp.epsilon {teacher['epsilon']!r}, epsilon {block.get('epsilon')!r}"))
     else:
-        checks.append(Check("mechanism", False, f"unknown mechanism {name!r}; expected gaussian, noisy-label or "
-                                                "dp-teacher"))
+        checks.append(Check("mechanism", False, f"unknown mechanism {name!r}; expected gaussian, noisy-label, "
+                                                "gnmax or dp-teacher"))

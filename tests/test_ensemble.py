@@ -274,6 +274,22 @@ def test_gnmax_report_parameters(tiny_ensemble, mnist_small, tmp_path):
     assert "per_query_label_dp" not in report
 
 
+def test_gnmax_card_recomputes(tiny_ensemble, mnist_small, tmp_path):
+    from synthgen.cards import card_metadata
+    from synthgen.recompute import recompute_card
+
+    config = small_config(tiny_ensemble, tmp_path / "run", mnist_small, mechanism="noisy-label", steps=2, eval_every=0)
+    metadata = card_metadata(transcribe(config).report)
+    result = recompute_card(metadata)
+    assert result.passed, [check for check in result.checks if not check.passed]
+    assert metadata["differential_privacy"]["ensemble"]["num_teachers"] == 4
+    assert metadata["differential_privacy"]["accounting_method"] == "data-independent"
+    mechanism = metadata["differential_privacy"]["mechanism"]
+    mechanism["l2_sensitivity"] = math.sqrt(2) / 4  # a sensitivity wrongly divided by K
+    mechanism["noise_std"] = mechanism["noise_multiplier"] * mechanism["l2_sensitivity"]
+    assert not recompute_card(metadata).passed
+
+
 # ---------------------------------------------------------------- bad input
 
 
