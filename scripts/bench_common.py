@@ -53,10 +53,15 @@ def record(benchmark: str, metric: str, value, **fields) -> dict:
     return base
 
 
-def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] = ("metric", "unit", "mechanism", "epsilon", "method", "dataset")) -> Path:
-    """Merge `records` into benchmarks/results/<name>.json, replacing records with the same key fields."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] = ("metric", "unit", "mechanism", "epsilon", "method", "dataset"),
+                  results_dir: Path | None = None) -> Path:
+    """Merge `records` into <results_dir>/<name>.json, replacing records with the same key fields.
+
+    `results_dir` defaults to benchmarks/results.
+    """
+    results_dir = Path(results_dir) if results_dir is not None else RESULTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     existing = json.loads(path.read_text()) if path.is_file() else []
 
     def key(r: dict) -> tuple:
@@ -68,3 +73,46 @@ def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] 
     tmp.write_text(json.dumps(merged, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# Record fields and the types each may hold; None marks a field that may be null.
+RECORD_FIELDS = {
+    "benchmark": (str,), "dataset": (str,), "unit": (str, None), "mechanism": (str,), "epsilon": (int, float, None),
+    "delta": (int, float, None), "metric": (str,), "value": (int, float), "spread": (int, float, None),
+    # seeds and hardware are null for counts that no run measures (bad_input_cases).
+    "seeds": (int, None), "method": (str,), "commit": (str,), "hardware": (str, None), "command": (str,),
+    "date": (str,),
+}
+UNITS = ("example", "teacher", None)
+MECHANISMS = ("gaussian", "noisy-label", "gnmax", "dp-teacher", "dp-sgd", "none")
+
+
+def record_errors(entry: dict) -> list[str]:
+    """Return what makes `entry` an invalid result record (empty when it is valid)."""
+    errors = []
+    for name, types in RECORD_FIELDS.items():
+        if name not in entry:
+            errors.append(f"missing field {name!r}")
+            continue
+        value = entry[name]
+        allowed = tuple(t for t in types if t is not None)
+        if value is None:
+            if None not in types:
+                errors.append(f"{name} is null")
+        elif isinstance(value, bool) or not isinstance(value, allowed):
+            errors.append(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+    if errors:
+        return errors
+    if entry["unit"] not in UNITS:
+        errors.append(f"unit must be one of {UNITS}, got {entry['unit']!r}")
+    if entry["mechanism"] not in MECHANISMS:
+        errors.append(f"mechanism must be one of {MECHANISMS}, got {entry['mechanism']!r}")
+    if entry["unit"] is not None and (entry["epsilon"] is None or entry["delta"] is None):
+        errors.append(f"a private number (unit {entry['unit']!r}) must state epsilon and delta")
+    if entry["seeds"] is not None and entry["seeds"] < 1:
+        errors.append(f"seeds must be >= 1, got {entry['seeds']}")
+    try:
+        dt.date.fromisoformat(entry["date"])
+    except ValueError:
+        errors.append(f"date must be YYYY-MM-DD, got {entry['date']!r}")
+    return errors

@@ -1,14 +1,28 @@
-"""Regenerate docs/benchmarks.md from benchmarks/results/*.json. Never edit the numbers by hand."""
+"""Regenerate docs/benchmarks.md and its plots from benchmarks/results/*.json.
+
+Never edit the numbers by hand. The page has one table per results file and a summary of the
+utility records (benchmark "utility", written by scripts/benchmark_suite.py) beside the
+published anchors. Its PNG plots are privacy-utility curves, drawn here from the utility records
+with matplotlib (the `bench` extra), and the per-class sample grids that the suite copies into
+the plots folder.
+
+Usage: python scripts/render_benchmarks.py [--results DIR] [--doc FILE] [--plots DIR]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+PLOTS = ROOT / "docs" / "benchmarks"  # PNG files linked from DOC
 
 HEADER = """# Benchmarks
 
@@ -18,23 +32,36 @@ percent on the full real test split: that is evaluation on private data, outside
 Every private number states its unit of privacy and (epsilon, delta). DP-SGD epsilons are under
 replace-one (the product's relation); published DP-SGD and DP-generator results are usually
 stated under add/remove-one, which gives a smaller epsilon for the same run, so the published
-anchors below are not a like-for-like comparison in our favour.
+anchors in the summary are not a like-for-like comparison in our favour.
 
 The CPU machine is noisy: wall times can vary up to 2x between runs. Compare times only within
 one table.
 """
 
-ANCHORS = """## Published anchors (not re-run here)
-
-All at delta = 1e-5, MNIST, as published.
-
-| method | source | epsilon 1 | epsilon 10 |
-|---|---|---|---|
-| DP-SGD, Opacus MNIST example (small CNN) | Opacus examples/mnist_README.md | 94.63 at eps 1.19 | 97.09 at eps 7.10 |
-| DPDM (DP diffusion), classifier on synthetic data | DPImageBench (CCS 2025) | 89.2 | 97.7 |
-| DP-FETA, classifier on synthetic data | DPImageBench (CCS 2025) | 95.6 | 98.1 |
-| PATE, Confident-GNMax (public unlabeled data) | Papernot et al. 2018 | 98.5 at eps 1.97 | |
-"""
+# Published accuracies (percent) at delta 1e-5 on the real test set, as (epsilon, value) pairs,
+# from DPImageBench (CCS 2025) README section 7 (classifier trained on DP synthetic data, no
+# public pretraining) and the Opacus MNIST example README (DP-SGD, small CNN).
+PUBLISHED = [
+    # dataset, method, source, [(epsilon, accuracy), ...]
+    ("mnist", "DP-SGD (Opacus example, small CNN)", "Opacus examples/mnist_README.md",
+     [(1.19, 94.63), (3.01, 96.78), (7.10, 97.09)]),
+    ("mnist", "PATE, Confident-GNMax (public unlabeled data)", "Papernot et al. 2018", [(1.97, 98.5)]),
+    ("mnist", "PATE-G (public unlabeled data)", "Papernot et al. 2018", [(2.04, 98.0), (8.03, 98.1)]),
+    ("mnist", "DP-MERF, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 80.3), (10.0, 81.3)]),
+    ("mnist", "DP-Kernel, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 94.0), (10.0, 93.6)]),
+    ("mnist", "GS-WGAN, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 72.4), (10.0, 75.3)]),
+    ("mnist", "DP-GAN, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 92.4), (10.0, 92.7)]),
+    ("mnist", "DPDM (DP diffusion), synthetic data", "DPImageBench (CCS 2025)", [(1.0, 89.2), (10.0, 97.7)]),
+    ("mnist", "DP-FETA, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 95.6), (10.0, 98.1)]),
+    ("fashion-mnist", "DP-MERF, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 62.2), (10.0, 62.2)]),
+    ("fashion-mnist", "DP-Kernel, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 68.4), (10.0, 70.0)]),
+    ("fashion-mnist", "GS-WGAN, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 52.7), (10.0, 56.7)]),
+    ("fashion-mnist", "DP-GAN, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 71.8), (10.0, 70.3)]),
+    ("fashion-mnist", "DPDM (DP diffusion), synthetic data", "DPImageBench (CCS 2025)", [(1.0, 76.4), (10.0, 85.6)]),
+    ("fashion-mnist", "DP-FETA, synthetic data", "DPImageBench (CCS 2025)", [(1.0, 81.7), (10.0, 87.3)]),
+]
+SUMMARY_EPSILONS = (1.0, 10.0)
+ACCURACY_METRICS = ("student_accuracy", "synthetic_accuracy", "teacher_accuracy")
 
 COLUMNS = ["dataset", "method", "mechanism", "unit", "epsilon", "delta", "metric", "value", "spread", "seeds",
            "steps", "queries", "hardware", "commit", "date"]
@@ -48,14 +75,22 @@ def fmt(value) -> str:
     return str(value)
 
 
-def render() -> str:
+def load_results(results: Path) -> dict[str, list[dict]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(Path(results).glob("*.json"))}
+
+
+def render(results: Path = RESULTS, plots: Path = PLOTS, doc: Path = DOC) -> str:
+    """Return the markdown page for the records in `results`; plots are linked relative to `doc`."""
+    loaded = load_results(results)
     parts = [HEADER]
-    for path in sorted(RESULTS.glob("*.json")):
-        records = json.loads(path.read_text())
+    summary = render_summary(loaded.get("utility", []))
+    parts.append(summary)
+    parts.append(render_plot_links(loaded.get("utility", []), Path(plots), Path(doc)))
+    for stem, records in loaded.items():
         if not records:
             continue
         used = [c for c in COLUMNS if any(r.get(c) is not None for r in records)]
-        parts.append(f"## {path.stem}\n")
+        parts.append(f"## {stem}\n")
         commands = sorted({r.get("command", "") for r in records})
         parts.append("Command(s): " + "; ".join(f"`{c}`" for c in commands if c) + "\n")
         parts.append("| " + " | ".join(used) + " |")
@@ -67,14 +102,150 @@ def render() -> str:
             parts.append("")
             parts.extend(f"- {note}" for note in notes)
         parts.append("")
-    parts.append(ANCHORS)
     return "\n".join(parts)
 
 
-def main() -> int:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(render())
-    print(f"wrote {DOC}")
+def _summary_key(entry: dict) -> tuple:
+    return (entry["dataset"], entry["metric"], entry["method"], entry["mechanism"], entry["unit"] or "")
+
+
+def _mean_cell(entry: dict | None) -> str:
+    if entry is None:
+        return ""
+    cell = f"{entry['value']:.1f}"
+    if entry.get("spread") is not None:
+        cell += f" ± {entry['spread']:.1f}"
+    return cell + f" ({entry['seeds']} seed{'s' if entry['seeds'] != 1 else ''})"
+
+
+def render_summary(utility: list[dict]) -> str:
+    """Return the table of our utility records at epsilon 1 and 10 beside the published anchors."""
+    lines = ["## Summary against the published anchors\n",
+             "Accuracy in percent on the real test set at delta 1e-5: mean ± standard deviation over seeds for "
+             "the rows run here (`benchmarks/results/utility.json`, written by `scripts/benchmark_suite.py`), "
+             "and the published value for the rows marked published, which were not re-run. The published "
+             "numbers come from other protocols (DPImageBench selects its classifier on a noisy validation "
+             "split) and, for DP-SGD, from add/remove-one accounting.\n",
+             "| dataset | method | unit | mechanism | metric | epsilon 1 | epsilon 10 | source |",
+             "|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for entry in utility:
+        if entry["metric"] not in ACCURACY_METRICS:
+            continue
+        key = _summary_key(entry)
+        target = entry.get("target_epsilon", entry["epsilon"])
+        if entry["epsilon"] is None:
+            cells[key][None] = entry
+        elif target is not None and float(target) in SUMMARY_EPSILONS:
+            cells[key][float(target)] = entry
+    for key in sorted(cells):
+        dataset, metric, method, mechanism, unit = key
+        by_epsilon = cells[key]
+        if None in by_epsilon:  # not private: one value for both columns
+            first = second = _mean_cell(by_epsilon[None])
+        else:
+            first, second = (_mean_cell(by_epsilon.get(epsilon)) for epsilon in SUMMARY_EPSILONS)
+        lines.append(f"| {dataset} | {method} | {unit or 'not private'} | {mechanism} | {metric} | {first} | "
+                     f"{second} | run here |")
+    for dataset, method, source, points in PUBLISHED:
+        # Each published point goes to the column of the nearest summary epsilon (log scale); a
+        # point at another epsilon shows that epsilon.
+        row = []
+        for epsilon in SUMMARY_EPSILONS:
+            near = [p for p in points if min(SUMMARY_EPSILONS, key=lambda e: abs(math.log(p[0] / e))) == epsilon]
+            best = min(near, key=lambda point: abs(math.log(point[0] / epsilon)), default=None)
+            if best is None:
+                row.append("")
+            elif best[0] == epsilon:
+                row.append(f"{best[1]:.1f}")
+            else:
+                row.append(f"{best[1]:.2f} at eps {best[0]:g}")
+        lines.append(f"| {dataset} | {method} | example | | accuracy | {row[0]} | {row[1]} | published: {source} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_datasets(utility: list[dict]) -> list[str]:
+    return sorted({r["dataset"] for r in utility if r["metric"] in ACCURACY_METRICS and r["epsilon"] is not None})
+
+
+def render_plot_links(utility: list[dict], plots: Path, doc: Path) -> str:
+    """Return the plots section: one privacy-utility plot per dataset and every sample grid in `plots`."""
+    relative = Path(os.path.relpath(plots, doc.parent))
+    lines = ["## Plots\n"]
+    datasets = _plot_datasets(utility)
+    if not datasets:
+        lines.append("No utility records yet: run `python scripts/benchmark_suite.py` to measure them.\n")
+    for dataset in datasets:
+        lines.append(f"![Accuracy against epsilon on {dataset}]({(relative / f'utility-{dataset}.png').as_posix()})\n")
+    grids = sorted(Path(plots).glob("samples-*.png")) if Path(plots).is_dir() else []
+    if grids:
+        lines.append("Per-class sample grids (one row per class, as labelled by the student), seed 0:\n")
+    for grid in grids:
+        lines.append(f"![{grid.stem}]({(relative / grid.name).as_posix()})\n")
+    return "\n".join(lines)
+
+
+def write_plots(results: Path = RESULTS, plots: Path = PLOTS) -> list[Path]:
+    """Draw one privacy-utility PNG per dataset from the utility records; return the files written."""
+    utility = load_results(results).get("utility", [])
+    datasets = _plot_datasets(utility)
+    if not datasets:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    Path(plots).mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in datasets:
+        figure, axes = pyplot.subplots(figsize=(11, 5), dpi=100)
+        colours = iter(pyplot.get_cmap("tab20").colors * 2)
+        series: dict[tuple, list[dict]] = defaultdict(list)
+        for entry in utility:
+            if entry["dataset"] == dataset and entry["metric"] in ACCURACY_METRICS:
+                series[(entry["method"], entry["mechanism"], entry["unit"], entry["metric"])].append(entry)
+        for (method, mechanism, unit, metric), entries in sorted(series.items(), key=lambda item: str(item[0])):
+            label = f"{method} {mechanism}, {metric.replace('_accuracy', '')}" + (f", {unit}-level" if unit else "")
+            private = sorted((e for e in entries if e["epsilon"] is not None), key=lambda e: e["epsilon"])
+            if private:
+                axes.errorbar([e["epsilon"] for e in private], [e["value"] for e in private],
+                              yerr=[e["spread"] or 0 for e in private], marker="o", capsize=3, label=label,
+                              color=next(colours))
+            for entry in entries:
+                if entry["epsilon"] is None:
+                    axes.axhline(entry["value"], linestyle="--", linewidth=1, color="grey")
+                    axes.annotate(f"{label} (not private)", (1.0, entry["value"]), fontsize=7, color="grey")
+        for published_dataset, method, _, points in PUBLISHED:
+            if published_dataset == dataset:
+                axes.plot([p[0] for p in points], [p[1] for p in points], linestyle=":", marker="x",
+                          linewidth=1, label=f"{method} (published)", color=next(colours))
+        axes.set_xscale("log")
+        axes.set_xlabel("epsilon (delta 1e-5)")
+        axes.set_ylabel("test accuracy (%)")
+        axes.set_title(f"{dataset}: accuracy against epsilon")
+        axes.grid(True, which="both", linewidth=0.3)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        figure.tight_layout()
+        path = Path(plots) / f"utility-{dataset}.png"
+        # A fixed Software entry and no date keep the file identical for identical records.
+        figure.savefig(path, metadata={"Software": None})
+        pyplot.close(figure)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"markdown page to write (default {DOC})")
+    parser.add_argument("--plots", type=Path, default=PLOTS, help=f"folder of the PNG plots (default {PLOTS})")
+    args = parser.parse_args(argv)
+    for path in write_plots(args.results, args.plots):
+        print(f"wrote {path}")
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(render(args.results, args.plots, args.doc))
+    print(f"wrote {args.doc}")
     return 0
 
 
