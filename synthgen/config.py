@@ -143,3 +143,10 @@ class TeacherTrainConfig:
     ema_decay: float = option(0.999, "DP-SGD: decay of the exponential moving average of the weights kept as the "
                               "teacher (free post-processing); 0 disables")
     ledger: str | None = option(None, "DP-SGD: privacy ledger (DuckDB file) that records the spend before training")
+    checkpoint_every: int = option(50, "DP-SGD: optimizer steps between checkpoints in --out/private (also written at "
+                                   "the end of every epoch); 0: only at epoch ends")
+    resume: bool = option(False, "DP-SGD: continue the interrupted training in --out from its last checkpoint; the "
+                          "ledger is not charged again")
+    stop_after: int | None = option(None, "DP-SGD: stop after this many steps as if interrupted (for tests of --resume)")
+    noise_seed: int | None = option(None, "DP-SGD: seed of the noise and of Poisson sampling, for reproducible tests "
+                                    "only: the guarantee assumes both are secret. Default: drawn from os.urandom")
