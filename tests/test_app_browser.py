@@ -149,7 +149,7 @@ def test_pages_in_chromium(app_url, driver, data):
     manifest = json.loads((data.dataset / "synthgen_dataset.json").read_text())
     guarantee = f"({report['epsilon']:.4g}, {report['delta']:g})-DP"
     pages = [
-        ("generators", ["Generators", "Pull a Hub release", guarantee]),
+        ("", ["Generators", "Pull a Hub release", guarantee]),  # the default page is served at /
         ("samples", ["Samples", guarantee, "seed 0: one row per class"]),
         ("privacy-card", ["Privacy card", "The card agrees with the recomputation",
                           f"epsilon {report['epsilon']:.6g}"]),
@@ -158,7 +158,8 @@ def test_pages_in_chromium(app_url, driver, data):
         ("runs", ["Runs", "Training curves", "Privacy and utility across runs and releases"]),
     ]
     for path, expected in pages:
-        text = open_page(driver, f"{app_url}/{path}", expected, path)
+        text = open_page(driver, f"{app_url}/{path}", expected, path or "generators")
+        assert "Page not found" not in text, path
         assert "Traceback" not in text, path
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), path
         assert "failed" not in text, f"{path} shows an error: {text[:2000]}"

@@ -16,15 +16,23 @@ def training_curves(run_dir: str) -> None:
         st.info(f"{run_dir} logged no evaluation with the privacy spent (eval_every was 0).")
         return
     columns = st.columns(2)
+    epsilon = alt.X("epsilon_spent:Q", title="epsilon spent")
     if "student_accuracy" in metrics:
         columns[0].markdown("**Student accuracy (%) against epsilon spent**")
-        columns[0].line_chart(metrics, x="epsilon_spent", y="student_accuracy", x_label="epsilon spent",
-                              y_label="student accuracy (%)")
+        accuracy = alt.Chart(metrics).mark_line(point=True).encode(
+            x=epsilon, y=alt.Y("student_accuracy:Q", title="student accuracy (%)"),
+            tooltip=["step", "epsilon_spent", "student_accuracy"])
+        columns[0].altair_chart(accuracy)
     losses = [name for name in ("student_loss", "generator_loss") if name in metrics]
     if losses:
         columns[1].markdown("**Loss against epsilon spent**")
-        columns[1].line_chart(metrics, x="epsilon_spent", y=losses, x_label="epsilon spent", y_label="loss")
-    st.caption(f"{len(metrics)} evaluations from {run_dir}/metrics.jsonl. {ACCURACY_NOTE}")
+        long = metrics.melt(id_vars=["step", "epsilon_spent"], value_vars=losses, var_name="loss", value_name="value")
+        loss = alt.Chart(long).mark_line(point=True).encode(
+            x=epsilon, y=alt.Y("value:Q", title="loss"), color=alt.Color("loss:N", title=None),
+            tooltip=["step", "epsilon_spent", "loss", "value"])
+        columns[1].altair_chart(loss)
+    count = len(metrics)
+    st.caption(f"{count} evaluation{'s' if count != 1 else ''} from {run_dir}/metrics.jsonl. {ACCURACY_NOTE}")
 
 
 def privacy_utility(points) -> None:
