@@ -262,6 +262,27 @@ def test_privacy_card_page_edited_card(data, catalog, tmp_path):
     assert "- epsilon:" in message
 
 
+def test_privacy_card_page_card_without_events(data, catalog, tmp_path):
+    import yaml
+
+    from synthgen.hub import stage_release
+
+    release = tmp_path / "release"
+    stage_release(data.run_dir, release)
+    _, front, body = (release / "README.md").read_text().split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    del metadata["differential_privacy"]["events"]
+    (release / "README.md").write_text(f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n{body}")
+
+    app = open_folder(start(), release)
+    app.switch_page("views/privacy_card.py")
+    app.run()
+    assert not app.exception
+    message = app.error[0].value
+    assert message.startswith("Recomputing epsilon from the card failed")
+    assert "events must be a non-empty list" in message
+
+
 # ---------------------------------------------------------------- Datasets
 
 
@@ -370,6 +391,14 @@ def test_sql_confinement_without_statement_check(dataset_sql, tmp_path):
     with pytest.raises(duckdb.InvalidInputException, match="locked"):
         dataset_sql.connection.execute("SET enable_external_access = true")
     assert not (tmp_path / "copied.csv").exists()
+
+
+def test_sql_long_query_times_out(data):
+    with DatasetSQL(data.dataset, timeout=0.5) as sql:
+        with pytest.raises(QueryFailedError, match="ran longer than 0.5 s"):
+            sql.run("SELECT count(*) FROM range(1000000000000) a, range(1000) b")
+        frame, _ = sql.run("SELECT count(*) AS n FROM dataset")  # the connection still works
+        assert frame["n"].iloc[0] == 300
 
 
 def test_sql_reads_dataset(dataset_sql, data):
