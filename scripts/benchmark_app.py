@@ -11,7 +11,9 @@ included. Records go to benchmarks/results/app.json:
   generator is loaded again (what every change would cost without st.cache_resource), median
   and standard deviation over the same number of changes;
 - generator_load_seconds: loading the local generator folder alone, what the cache saves per
-  change (a Hub release would be pulled again on top of that).
+  change (a Hub release would be pulled again on top of that);
+- slider_to_grid_browser_seconds (with --browser): the same change end to end, in headless
+  Chromium against `synthgen app`, until the new grid image is decoded and the run is over.
 
 Both records carry the machine's 1-minute load average before and after: on a shared machine a
 load above the core count slows every number here.
@@ -19,9 +21,9 @@ load above the core count slows every number here.
 The generator has the default MNIST architecture (latent 100, generator width 32, student width
 32, hidden 256). Its student is replaced by one whose labels spread over the classes (as in
 tests/dataset_builds.py), because a briefly trained student labels most images as a few classes
-and cannot fill a 10 x 10 grid; the time depends on the model sizes, not on its training.
+and cannot fill a 10 x 10 grid. The time depends on the model sizes, not on their training.
 
-Usage: python scripts/benchmark_app.py [--run-dir RUN] [--repeats 5]
+Usage: python scripts/benchmark_app.py [--run-dir RUN] [--repeats 5] [--browser]
 """
 
 from __future__ import annotations
@@ -81,10 +83,98 @@ def change_slider(app, value: int) -> float:
     return seconds
 
 
+def measure_in_browser(generator: Path, repeats: int) -> list[float]:
+    """Serve the app with `synthgen app` and time slider changes in headless Chromium, until the new grid is shown.
+
+    A timed change presses the right arrow on the focused slider (9 to 10) and ends when the grid
+    image has a new source, is decoded, and the app reports that its script run is over.
+    """
+    import subprocess
+    import urllib.request
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from synthgen.catalog import Catalog
+    from tests.dataset_builds import free_port
+
+    with Catalog(os.environ["SYNTHGEN_CATALOG"]) as catalog:
+        catalog.record_run(generator)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    log = open(WORK / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "synthgen", "app", "--port", str(port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1600", f"--user-data-dir={WORK / 'chromium'}"):
+        options.add_argument(flag)
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look up drivers online
+    driver = None
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+        driver.get(f"{url}/samples")
+        source_script = ("const image = document.querySelector('[data-testid=\"stImage\"] img');"
+                         "return image && image.complete && image.naturalWidth > 0 ? image.src : null;")
+
+        def settled(previous):
+            def check(browser):
+                source = browser.execute_script(source_script)
+                busy = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+                return source if source and source != previous and not busy else False
+            return check
+
+        source = WebDriverWait(driver, 600, 0.05).until(settled(None))
+        # The slider is a visually hidden range input, so keys go to it through the focus.
+        slider = driver.find_element(By.CSS_SELECTOR, '[data-testid="stSlider"] input[type="range"]')
+
+        def press(key) -> None:
+            driver.execute_script("arguments[0].focus();", slider)
+            ActionChains(driver).send_keys(key).perform()
+
+        for _ in range(int(slider.get_property("value")), GRID):
+            press(Keys.ARROW_RIGHT)
+            source = WebDriverWait(driver, 600, 0.05).until(settled(source))
+        seconds = []
+        for _ in range(repeats):
+            press(Keys.ARROW_LEFT)
+            source = WebDriverWait(driver, 600, 0.05).until(settled(source))
+            started = time.perf_counter()
+            press(Keys.ARROW_RIGHT)
+            source = WebDriverWait(driver, 600, 0.05).until(settled(source))
+            seconds.append(time.perf_counter() - started)
+            if slider.get_property("value") != str(GRID):
+                raise RuntimeError(f"the slider shows {slider.get_property('value')}, expected {GRID}")
+        return seconds
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", help="finished run folder with the default architecture (default: make one)")
     parser.add_argument("--repeats", type=int, default=5, help="timed slider changes (default 5)")
+    parser.add_argument("--browser", action="store_true",
+                        help="also time the change end to end in headless Chromium (needs chromium, chromium-driver "
+                             "and selenium)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -124,21 +214,27 @@ def main() -> None:
         started = time.perf_counter()
         load_choice(choice)
         loads.append(time.perf_counter() - started)
+    browser = measure_in_browser(generator, args.repeats) if args.browser else []
     load_after = os.getloadavg()[0]
-    logger.info("slider to grid: median %.3f s cached, %.3f s after dropping the cached pipeline; load average "
-                "%.1f before, %.1f after", statistics.median(cached), statistics.median(uncached), load_before,
-                load_after)
+    logger.info("slider to grid: median %.3f s cached, %.3f s after dropping the cached pipeline%s; load average "
+                "%.1f before, %.1f after", statistics.median(cached), statistics.median(uncached),
+                f", {statistics.median(browser):.3f} s in Chromium" if browser else "", load_before, load_after)
 
-    note = (f"AppTest in-process, torch with {THREADS} threads; a {GRID} x {GRID} grid of the default MNIST "
-            "architecture, page rendering and downloads included, browser rendering not; 1-minute load average "
-            f"{load_before:.1f} before and {load_after:.1f} after on {len(os.sched_getaffinity(0))} cores")
-    fields = {"seeds": 1, "repeats": args.repeats, "note": note,
-              "load_average": [round(load_before, 1), round(load_after, 1)]}
+    machine = (f"1-minute load average {load_before:.1f} before and {load_after:.1f} after on "
+               f"{len(os.sched_getaffinity(0))} cores")
+    in_process = (f"AppTest in-process, torch with {THREADS} threads; a {GRID} x {GRID} grid of the default MNIST "
+                  f"architecture, page rendering and downloads included, browser rendering not; {machine}")
+    end_to_end = (f"headless Chromium and `synthgen app` on the same machine, from the key press on the slider to "
+                  f"the decoded new grid image and the end of the script run; {machine}")
+    fields = {"seeds": 1, "repeats": args.repeats, "load_average": [round(load_before, 1), round(load_after, 1)]}
+    measured = [("slider_to_grid_seconds", cached, in_process), ("slider_to_grid_uncached_seconds", uncached, in_process),
+                ("generator_load_seconds", loads, in_process)]
+    if browser:
+        measured.append(("slider_to_grid_browser_seconds", browser, end_to_end))
     records = [
         record("app", metric, round(statistics.median(values), 3), spread=round(statistics.stdev(values), 3)
-               if len(values) > 1 else None, **fields)
-        for metric, values in (("slider_to_grid_seconds", cached), ("slider_to_grid_uncached_seconds", uncached),
-                               ("generator_load_seconds", loads))
+               if len(values) > 1 else None, note=note, **fields)
+        for metric, values, note in measured
     ]
     path = write_records("app", records)
     logger.info("wrote %s", path)
