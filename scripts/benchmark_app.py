@@ -15,7 +15,7 @@ included. Records go to benchmarks/results/app.json:
 - slider_to_grid_browser_seconds (with --browser): the same change end to end, in headless
   Chromium against `synthgen app`, until the new grid image is decoded and the run is over.
 
-Both records carry the machine's 1-minute load average before and after: on a shared machine a
+Every record carries the machine's 1-minute load average before and after: on a shared machine a
 load above the core count slows every number here.
 
 The generator has the default MNIST architecture (latent 100, generator width 32, student width
