@@ -9,7 +9,9 @@ Full mode (hours on 2 CPU cores; never in CI) reuses the single benchmarks:
 2. train-on-synthetic accuracy of every private run: 60,000 images built from its generator,
    labelled by its student, a fresh classifier trained on them only (epoch selected on
    synthetic validation data) and scored on the real test split (`synthetic.json`);
-3. `scripts/benchmark_build.py` and `scripts/benchmark_hub.py` for the throughput figures;
+3. `scripts/benchmark_ensemble.py` (MNIST, example-level teacher ensemble at the same epsilons,
+   and the stacked-ensemble against Python-loop speedup), `scripts/benchmark_build.py` and
+   `scripts/benchmark_hub.py` for the throughput figures;
 4. steps and queries per second of every transcription, from its privacy report (`speed.json`);
 5. `utility.json`: mean and standard deviation over the seeds of every accuracy;
 6. the per-class sample grid of each seed-0 run copied to docs/benchmarks/, then
@@ -277,6 +279,7 @@ def full(args) -> dict[str, list[dict]]:
             for seed in args.seeds:
                 run_script([str(SCRIPTS / "benchmark_transcribe.py"), "--dataset", dataset, "--seed", str(seed),
                             "--epsilons", epsilons])
+        run_script([str(SCRIPTS / "benchmark_ensemble.py"), "--epsilons", epsilons])
         run_script([str(SCRIPTS / "benchmark_build.py")])
         run_script([str(SCRIPTS / "benchmark_hub.py")])
 
@@ -301,9 +304,12 @@ def full(args) -> dict[str, list[dict]]:
                 synthetic.append(record("synthetic", "synthetic_accuracy", accuracy, **fields, **tag,
                                         note=f"fresh classifier on {args.synthetic_rows} synthetic images only, "
                                              "epoch selected on synthetic validation data"))
-    transcribed = json.loads((args.results / "transcribe.json").read_text()) if (
-        args.results / "transcribe.json").is_file() else []
-    per_seed = [e for e in transcribed if e.get("dataset") in args.datasets and e.get("seed") in args.seeds]
+    measured = []
+    for name in ("transcribe", "ensemble"):
+        path = args.results / f"{name}.json"
+        measured += json.loads(path.read_text()) if path.is_file() else []
+    # Records without a seed field (the ensemble benchmark runs seed 0 only) count as one seed.
+    per_seed = [e for e in measured if e.get("dataset") in args.datasets and e.get("seed", 0) in args.seeds]
     return {"synthetic": synthetic, "speed": speed, "utility": aggregate(per_seed + synthetic, args.epsilons)}
 
 

@@ -65,6 +65,18 @@ def is_worker_process() -> bool:
     return launched_rank() != 0
 
 
+def check_launch_settings(config) -> None:
+    """Reject settings that cannot be split over the launched processes, before anything is written."""
+    world_size = launched_world_size()
+    for name in ("batch_size", "replay_batch"):
+        value = getattr(config, name)
+        if isinstance(value, int) and value % world_size:
+            raise ValueError(
+                f"{name} ({value}) must be divisible by the number of processes ({world_size}), because it is the "
+                f"global count per step split evenly over the processes; use a multiple of {world_size}"
+            )
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Seed of one rank's latent draws: rank 0 keeps `seed`, so it draws what a single process draws."""
     if rank == 0:

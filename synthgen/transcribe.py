@@ -689,6 +689,7 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
         torch.set_num_threads(config.threads)
     if distributed.is_worker_process():
         return distributed.run_worker(config)  # ranks > 0 of torchrun or accelerate launch: no ledger, no files
+    distributed.check_launch_settings(config)
     setup = _prepare(config)
     resolve_device(config.device)  # an unusable device is invalid input: reject it before anything is written
     run_dir, run_id = _prepare_run_dir(config)

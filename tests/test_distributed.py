@@ -113,3 +113,12 @@ def test_ranks_get_distinct_streams():
     assert len(noise_seeds) == 4 * 50
     assert rank_seed(7, 0) == 7
     assert len({rank_seed(7, rank) for rank in range(8)}) == 8
+
+
+def test_indivisible_batch_rejected_before_writing(small_teacher, mnist_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    config = small_config(small_teacher, tmp_path / "run", mnist_small, batch_size=15)
+    with pytest.raises(ValueError, match="batch_size \\(15\\) must be divisible by the number of processes \\(2\\)"):
+        transcribe(config)
+    assert not (tmp_path / "run").exists()
