@@ -12,18 +12,27 @@ between runs.
    mean is used.
 3. Build: `synthgen build-dataset --num-samples ROWS` in this process into a temporary folder,
    timed end to end (loading, every shard, the card). The student labels in float64 there.
+4. Sampling of 8 blocks in chunks against whole blocks, alternately: chunk_speedup.
+5. With --processes N: the same build under `torchrun --nproc_per_node N`, one torch thread per
+   process, timed by the build itself (from loading the generator to the card, without the
+   start of Python and its imports).
 
-Records go to benchmarks/results/build.json: images_per_second and forward_ratio.
+Records go to benchmarks/results/build.json: images_per_second, forward_ratio and chunk_speedup,
+and with --processes images_per_second_processes.
 
-Usage: python scripts/benchmark_build.py [--rows 20000] [--shard-size 5000] [--generator PATH]
+Usage: python scripts/benchmark_build.py [--rows 20000] [--shard-size 5000] [--generator PATH] [--threads T]
+                                         [--processes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +87,47 @@ def raw_forward(pipeline, rows: int) -> float:
     return blocks * BLOCK_SIZE / (time.perf_counter() - started)
 
 
+def chunk_speedup(generator: Path, blocks: int) -> tuple[float, float]:
+    """Return images per second of whole-block and chunked sampling, timed alternately block by block.
+
+    Whole-block sampling is DPSDPipeline on 256 images at once, as the builder ran before it used
+    chunks; both give the same rows (tests/test_build.py checks it).
+    """
+    import torch
+
+    from synthgen.generator_source import load_generator
+    from synthgen.sampling import BLOCK_SIZE, block_seed, draw_block, prepare_pipeline
+
+    pipeline = prepare_pipeline(load_generator(str(generator)).pipeline, torch.device("cpu"))
+    whole = chunked = 0.0
+    for block in range(blocks):
+        started = time.perf_counter()
+        rng = torch.Generator().manual_seed(block_seed(0, block))
+        pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
+        whole += time.perf_counter() - started
+        started = time.perf_counter()
+        draw_block(pipeline, 0, block)
+        chunked += time.perf_counter() - started
+    return blocks * BLOCK_SIZE / whole, blocks * BLOCK_SIZE / chunked
+
+
+def build_in_processes(generator: Path, out: Path, args) -> float:
+    """Build the same rows under torchrun in args.processes processes; return images per second of the build."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).resolve().parent / "build_dataset.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+               str(args.processes), "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+               str(generator), "--num-samples", str(args.rows), "--shard-size", str(args.shard_size), "--seed",
+               str(args.seed), "--out", str(out), "--device", "cpu", "--threads", "1", "--no-catalog", "--overwrite"]
+    subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    manifest = json.loads((out / "synthgen_dataset.json").read_text())
+    rate = manifest["rows"] / manifest["build_seconds"]
+    logger.info("build in %d processes: %.0f images/s", args.processes, rate)
+    return rate
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000, help="rows of the timed build (default 20000)")
@@ -85,6 +135,9 @@ def main() -> int:
     parser.add_argument("--generator", help="run or release folder to sample from (default: make a small run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the small run and of the build (default 0)")
     parser.add_argument("--work", help="folder for the small run and the build (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, help="torch threads of the raw forward and the build (default: torch's)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also build with torchrun in this many processes of one thread each (default: no)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -94,6 +147,8 @@ def main() -> int:
     from synthgen.build import BuildConfig, build_dataset
     from synthgen.generator_source import load_generator
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="synthgen-benchmark-build-"))
     try:
         generator = Path(args.generator) if args.generator else make_generator(work, args.seed)
@@ -107,12 +162,16 @@ def main() -> int:
         started = time.perf_counter()
         result = build_dataset(BuildConfig(generator=str(generator), num_samples=args.rows, shard_size=args.shard_size,
                                            seed=args.seed, out=str(out), overwrite=out.exists(), device="cpu",
-                                           record=False))
+                                           threads=args.threads, record=False))
         build_rate = result.rows / (time.perf_counter() - started)
         raw_after = raw_forward(source.pipeline, min(args.rows, 10_240))
         raw = (raw_before + raw_after) / 2
         logger.info("build: %.0f images/s; raw forward after the build: %.0f images/s; ratio %.2f", build_rate,
                     raw_after, build_rate / raw)
+
+        whole_rate, chunked_rate = chunk_speedup(generator, blocks=8)
+        logger.info("sampling with the float64 student: whole blocks %.0f images/s, chunks %.0f images/s",
+                    whole_rate, chunked_rate)
 
         config = source.pipeline.generator.config
         common = dict(
@@ -133,6 +192,18 @@ def main() -> int:
                    note="build images/s divided by the raw generator + float32 student forward images/s measured in "
                         "the same run (mean of before and after the build)"),
         ]
+        records.append(record(
+            "build", "chunk_speedup", round(chunked_rate / whole_rate, 3), **common,
+            whole_block_images_per_second=round(whole_rate, 1), chunked_images_per_second=round(chunked_rate, 1),
+            note="sampling speed with forward passes in chunks of 32 images over whole blocks of 256 (the same rows), "
+                 "8 blocks each, timed alternately"))
+        if args.processes > 1:
+            rate = build_in_processes(generator, work / "dataset-processes", args)
+            records.append(record(
+                "build", "images_per_second_processes", round(rate, 1), **{**common, "threads": 1},
+                processes=args.processes,
+                note=f"labelled images written into parquet per second by torchrun with {args.processes} processes "
+                     "of one torch thread each, timed by the build from loading the generator to the card"))
         path = write_records("build", records)
         logger.info("wrote %s", path)
     finally:
