@@ -52,6 +52,10 @@ def stage_train(args, data: str, records: list) -> None:
         train_ensemble(config, load_image_data(data, "train"), load_image_data(data, "test"))
         records.append(record("ensemble", "teacher_seconds", round(time.time() - started, 1), K=args.num_teachers,
                               method="synthgen-ensemble", note="stacked training of all K teachers, 1 thread"))
+    elif args.trained_seconds is not None:
+        records.append(record("ensemble", "teacher_seconds", args.trained_seconds, K=args.num_teachers,
+                              method="synthgen-ensemble", note="stacked training of all K teachers, 1 thread, run "
+                              "with 'synthgen train-teachers' and timed by /usr/bin/time"))
     accuracy = json.loads((out / "synthgen_ensemble.json").read_text())["teacher_meta"]["training"]["test_accuracy"]
     for aggregate, value in (("mean teacher", accuracy["mean_teacher"]), ("plurality vote", accuracy["vote"])):
         records.append(record("ensemble", "teacher_accuracy", round(value, 2), K=args.num_teachers,
@@ -127,6 +131,8 @@ def main() -> int:
     parser.add_argument("--teacher-batch-size", type=int, default=16)
     parser.add_argument("--teacher-width", type=int, default=16)
     parser.add_argument("--teacher-hidden", type=int, default=64)
+    parser.add_argument("--trained-seconds", type=float, help="wall seconds of an ensemble trained earlier with "
+                        "'synthgen train-teachers' into the --out folder, to record beside its accuracy")
     parser.add_argument("--query-batch", type=int, default=256, help="images per query in the speedup stage")
     parser.add_argument("--epsilons", default="10", help="comma-separated target epsilons of the utility stage")
     parser.add_argument("--mechanism", default="noisy-label", help="noisy-label (GNMax for an ensemble) or gaussian")

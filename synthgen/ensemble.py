@@ -57,9 +57,11 @@ MIN_TEACHERS = 2
 _PUBLIC_MEAN = 0.5
 _PUBLIC_STD = 0.5
 
-# Upper bound on the floats of one stacked activation tensor; queries and training split the
-# teachers into chunks below it, so K = 250 fits in a few hundred MB.
-_CHUNK_FLOATS = 64 * 1024 * 1024
+# Upper bound on the floats of one stacked activation tensor (16 MiB); queries and training
+# split the teachers into chunks below it. On 2 shared CPU cores, chunks whose activations
+# outgrow the cache ran slower per teacher than a loop over separate modules (measured with
+# scripts/benchmark_ensemble.py), so the bound is small.
+_CHUNK_FLOATS = 4 * 1024 * 1024
 
 
 class EnsembleError(TeacherError):
