@@ -54,7 +54,7 @@ def run_variant(args, data: str, name: str) -> dict:
         settings = dict(BASE, **VARIANTS[name])
         config = TeacherTrainConfig(data=data, out=str(out), dp=True, epsilon=args.epsilon, delta=args.delta,
                                     epochs=args.epochs, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"),
-                                    **settings)
+                                    resume=(out / "private" / "dp_training.json").is_file(), **settings)
         started = time.time()
         train_teacher_dp(config, load_image_data(data, "train"), load_image_data(data, "test"))
         seconds = round(time.time() - started, 1)

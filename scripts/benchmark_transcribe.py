@@ -81,7 +81,8 @@ def run_dp_teacher(args, data: str, epsilon: float, records: list) -> Path:
         started = time.time()
         config = TeacherTrainConfig(data=data, out=str(out), dp=True, epsilon=epsilon, delta=1e-5,
                                     epochs=1 if args.quick else args.dp_epochs, batch_size=512, lr=2e-3, width=DP_WIDTH,
-                                    hidden=DP_HIDDEN, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"))
+                                    hidden=DP_HIDDEN, seed=args.seed, ledger=str(Path(args.out) / "ledger.duckdb"),
+                                    resume=(out / "private" / "dp_training.json").is_file())
         teacher = train_teacher_dp(config, load_image_data(data, "train"), load_image_data(data, "test"))
         seconds = time.time() - started
         common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1)
@@ -102,7 +103,8 @@ def run_transcription(args, teacher: Path, data: str, name: str, records: list, 
         seconds = report["wall_seconds"]
     else:
         config = TranscribeConfig(teacher=str(teacher), out=str(out), eval_data=data, seed=args.seed,
-                                  ledger=str(Path(args.out) / "ledger.duckdb"), eval_every=100, **settings)
+                                  ledger=str(Path(args.out) / "ledger.duckdb"), eval_every=100,
+                                  resume=(out / "private" / "run_config.json").is_file(), **settings)
         started = time.time()
         report = transcribe(config).report
         seconds = time.time() - started
