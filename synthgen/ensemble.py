@@ -6,10 +6,9 @@ position therefore changes the data of exactly one shard, hence of one teacher, 
 aggregated over the K teachers has a sensitivity bounded by one teacher's contribution. This
 is the partition of PATE (Papernot et al. 2017, 2018).
 
-The K teachers are one stacked model: their parameters are stacked along a leading axis
-(``torch.func.stack_module_state``) and a single ``vmap`` over ``functional_call`` runs all of
-them, in training (each teacher on a batch from its own shard) and in queries (all teachers on
-the same images). The ensemble is saved as one folder:
+The K teachers are one stacked model. Their parameters are stacked along a leading axis
+(``torch.func.stack_module_state``), and a ``vmap`` over ``functional_call`` runs them together.
+In training each teacher gets a batch from its own shard; in queries all get the same images. The ensemble is saved as one folder:
 
 - ``config.json``: the member architecture (a ``Classifier`` config);
 - ``ensemble.safetensors``: the stacked weights, leading dimension K;
@@ -178,8 +177,8 @@ class StackedEnsemble(nn.Module):
             # Members built from one config share its normalisation buffers.
             count = int(next(iter(stacked.values())).shape[0]) if stacked else 0
             stacked_buffers = {name: b.unsqueeze(0).expand(count, *b.shape).clone() for name, b in base.named_buffers()}
-        for given, expected, kind in ((stacked, shapes, "weights"), (stacked_buffers, buffer_shapes, "buffers")):
-            mismatched = sorted(set(given) ^ set(expected))
+        for tensors, expected, kind in ((stacked, shapes, "weights"), (stacked_buffers, buffer_shapes, "buffers")):
+            mismatched = sorted(set(tensors) ^ set(expected))
             if mismatched:
                 raise EnsembleError(f"stacked {kind} do not match the member architecture: {', '.join(mismatched)}")
         sizes = {int(t.shape[0]) for t in list(stacked.values()) + list(stacked_buffers.values())}
