@@ -40,6 +40,8 @@ def _call_name(node: ast.Call) -> str:
         function = function.value
     if isinstance(function, ast.Name):
         parts.append(function.id)
+    else:  # a call on an expression, e.g. Model(config).eval(): not the builtin
+        parts.append("<expression>")
     return ".".join(reversed(parts))
 
 
@@ -110,6 +112,7 @@ def test_unsafe_loading_check_finds_planted_code():
         assert len(findings) == 1, source
         assert expected in findings[0], source
     assert unsafe_loading("torch.load(path, weights_only=True)") == []
+    assert unsafe_loading("model = Classifier(config).eval()") == []
     opted = "def load(path, trust_pickle):\n    if trust_pickle:\n        return torch.load(path, weights_only=False)\n"
     assert unsafe_loading(opted) == []
 
