@@ -28,6 +28,7 @@ Usage:
     python scripts/benchmark_suite.py --quick
     python scripts/benchmark_suite.py                  # full: hours
     python scripts/benchmark_suite.py --skip-runs      # full: only steps 2, 4, 5, 6 on finished runs
+    python scripts/benchmark_suite.py --skip-runs --no-synthetic --seeds 0   # tables from finished runs
 """
 
 from __future__ import annotations
@@ -130,9 +131,13 @@ def aggregate(records: list[dict], targets: list[float]) -> list[dict]:
         seeds = sorted({e.get("seed") for e in entries}, key=str)
         spent = [e["epsilon"] for e in entries if e["epsilon"] is not None]
         first = entries[0]
+        if len(entries) == 1:  # one record, perhaps already a mean over seeds (the ensemble benchmark writes those)
+            spread, seed_count = first.get("spread"), first.get("seeds") or 1
+        else:
+            spread, seed_count = round(statistics.stdev(values), 2), len(values)
         summary.append(record(
             "utility", first["metric"], round(statistics.fmean(values), 2),
-            spread=round(statistics.stdev(values), 2) if len(values) > 1 else None, seeds=len(values),
+            spread=spread, seeds=seed_count,
             dataset=first["dataset"], method=first["method"], mechanism=first["mechanism"], unit=first["unit"],
             epsilon=max(spent) if spent else None, target_epsilon=key[-1], delta=first["delta"], seed_values=seeds,
             note="mean and standard deviation over seeds; accuracy on the real test split (evaluation on "
@@ -244,6 +249,8 @@ def quick(args) -> dict[str, list[dict]]:
                                    **tag, steps=report["steps"], queries=report["queries"],
                                    note=f"real test split, first {args.eval_limit} images (evaluation on private "
                                         "data)"))
+                if args.no_synthetic:
+                    continue
                 accuracy = synthetic_accuracy(run_dir, data, args.synthetic_rows, args.synthetic_epochs, seed, work)
                 runs.append(record("suite", "synthetic_accuracy", accuracy, **fields, **tag,
                                    note=f"fresh classifier on {args.synthetic_rows} synthetic images only"))
@@ -299,6 +306,8 @@ def full(args) -> dict[str, list[dict]]:
                     copy_grid(run_dir, args.plots, dataset, fields)
                 if fields["unit"] is None:
                     continue  # the noise-free engine: not a private result
+                if args.no_synthetic:
+                    continue
                 accuracy = synthetic_accuracy(run_dir, data, args.synthetic_rows, args.synthetic_epochs, seed,
                                               args.work)
                 synthetic.append(record("synthetic", "synthetic_accuracy", accuracy, **fields, **tag,
@@ -342,6 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                  "WORK/benchmarks.md for --quick)")
     parser.add_argument("--no-render", action="store_true", help="write the records only")
     parser.add_argument("--skip-runs", action="store_true", help="full mode: reuse finished runs, run no benchmark")
+    parser.add_argument("--no-synthetic", action="store_true",
+                        help="skip the train-on-synthetic step (with 60,000 images about 20 minutes per run on 2 CPU cores)")
     parser.add_argument("--train-limit", type=int, default=2000, help="quick: training images of the teachers")
     parser.add_argument("--steps", type=int, default=20, help="quick: transcription iterations")
     parser.add_argument("--batch-size", type=int, default=64, help="quick: synthetic images per iteration")
