@@ -167,8 +167,9 @@ def main() -> int:
             elif case == "dp-teacher":
                 for epsilon in epsilons:
                     dp_teacher = run_dp_teacher(args, data, epsilon, records)
-                    run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}", records,
-                                      mechanism="dp-teacher", steps=args.dp_steps // scale, student_width=DP_WIDTH,
+                    steps = args.dp_steps // scale
+                    run_transcription(args, dp_teacher, data, f"dp-teacher-eps{epsilon:g}-{steps}it", records,
+                                      mechanism="dp-teacher", steps=steps, student_width=DP_WIDTH,
                                       student_hidden=DP_HIDDEN, student_norm="group")
             elif case != "teacher":
                 raise SystemExit(f"unknown case {case!r}; expected teacher, none, teacher-level or dp-teacher")
