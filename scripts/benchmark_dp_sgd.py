@@ -6,9 +6,9 @@ delta) under replace-one. Each changes one setting of the base recipe: a GroupNo
 recalibrated for each variant, so every row spends the same privacy. The records go to
 benchmarks/results/dp_sgd.json with a `variant` field.
 
-The settings were chosen before looking at any accuracy, and the accuracies below are
-measured on the real test split; choosing a recipe by them would be tuning on private data,
-which synthgen does not account. Use them as a guide for other datasets, not to pick a winner
+The settings were chosen before looking at any accuracy. The accuracies are measured on the
+real test split, so choosing a recipe by them would be tuning on private data, which synthgen
+does not account. Use them as a guide for other datasets, not to pick a winner
 on this one.
 
 Usage: python scripts/benchmark_dp_sgd.py [--variants base,no-ema] [--epsilon 1] [--epochs 4]

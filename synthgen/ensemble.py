@@ -485,7 +485,8 @@ def load_ensemble(path: str | os.PathLike, data: ImageData | None = None) -> Ens
                               record.get("member_fingerprints", []))
     check_num_teachers(teacher.num_teachers)
     if teacher.num_teachers != plan.num_shards:
-        raise EnsembleError(f"{path} holds {teacher.num_teachers} teachers but its shard plan has {plan.num_shards} shards")
+        raise EnsembleError(f"{path} contains {teacher.num_teachers} teachers but its shard plan has {plan.num_shards} shards; "
+                            "the folder was altered: train or assemble the ensemble again")
     if data is not None and data.fingerprint != plan.dataset_fingerprint:
         raise EnsembleError(f"the private data is not the dataset the ensemble {path} was trained on (fingerprints "
                             "differ); pass the ensemble's own training data")

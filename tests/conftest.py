@@ -74,3 +74,11 @@ def small_config(teacher: Path, out: Path, data: Path, **overrides):
     )
     values.update(overrides)
     return TranscribeConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_teacher, mnist_small, tmp_path_factory):
+    """A finished gaussian (teacher-level) run, made once per test module; modules may override it."""
+    from .release_runs import release_run
+
+    return release_run("gaussian", small_teacher, mnist_small, tmp_path_factory)

@@ -21,20 +21,9 @@ from .dataset_builds import (
     ROOT, SCRIPT, build, decode_images, free_port, point_client_at, read_rows, spread_label_release, with_report_changes,
     without_report,
 )
-from .release_runs import release_run
 
 ROWS = 600  # three blocks of latents, the last one partial
 TOKEN = "hf_test_token"
-
-
-@pytest.fixture(autouse=True)
-def _catalog_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "default-catalog.duckdb"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(small_teacher, mnist_small, tmp_path_factory):
-    return release_run("gaussian", small_teacher, mnist_small, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

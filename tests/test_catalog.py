@@ -13,17 +13,6 @@ from synthgen.cli import main
 from synthgen.privacy.ledger import Ledger, LedgerKey
 
 from .dataset_builds import build, read_rows
-from .release_runs import release_run
-
-
-@pytest.fixture(autouse=True)
-def _catalog_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "default-catalog.duckdb"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(small_teacher, mnist_small, tmp_path_factory):
-    return release_run("gaussian", small_teacher, mnist_small, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
