@@ -58,6 +58,11 @@ class TranscribeConfig:
     student_hidden: int = option(256, "student hidden layer size")
     student_norm: str = option("none", "student normalisation after each convolution: 'none' or 'group' (GroupNorm, "
                                "as in a DP-SGD teacher, so that a DP-SGD baseline can share the student's architecture)")
+    student_frontend: str = option("pixels", "student front end: 'pixels' (a CNN) or 'scatter' (a fixed wavelet "
+                                   "scattering transform and linear layers)")
+    student_init: str = option("random", "'random', or 'teacher': the student starts as a copy of the teacher, with its "
+                               "architecture (the student settings above are then unused). Only with --mechanism "
+                               "dp-teacher, whose teacher is itself DP, so copying it is post-processing")
     onehot_weight: float = option(1.0, "generator loss: weight of the student's own-argmax cross-entropy")
     entropy_weight: float = option(5.0, "generator loss: weight of the class-balance (batch mean entropy) term")
     activation_weight: float = option(0.1, "generator loss: weight of the student feature activation term")
@@ -129,7 +134,10 @@ class TeacherTrainConfig:
     batch_size: int = option(128, "examples per optimiser step")
     lr: float = option(1e-3, "learning rate (Adam)")
     width: int = option(32, "channel width of the CNN")
-    hidden: int = option(128, "size of the hidden linear layer")
+    hidden: int = option(128, "size of the hidden linear layer (0: none, only with --frontend scatter)")
+    frontend: str = option("pixels", "'pixels': a CNN on the pixels; 'scatter': a fixed wavelet scattering transform "
+                           "and linear layers (Tramer and Boneh 2021), stronger under DP-SGD at small epsilon")
+    optimizer: str = option("adam", "'adam', or 'sgd' with momentum 0.9")
     seed: int = option(0, "seed of initialisation and data order")
     eval_split: str | None = option("test", "split to report test accuracy on (evaluation on private data); empty to skip")
     limit: int | None = option(None, "train on a random subset of this many examples (quick runs and tests)")

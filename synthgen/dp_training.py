@@ -35,7 +35,8 @@ from torch.nn import functional as F
 from ._io import atomic_directory, atomic_write_bytes, atomic_write_json
 from .config import TeacherTrainConfig
 from .data import ImageData
-from .teacher import META_FILE, LoadedTeacher, TeacherError, TeacherMeta, evaluate_accuracy, fingerprint_state, save_teacher
+from .teacher import (META_FILE, LoadedTeacher, TeacherError, TeacherMeta, evaluate_accuracy, fingerprint_state,
+                      make_optimizer, save_teacher)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ RUN_FILE = "dp_training.json"
 CHECKPOINT_FILE = "dp_checkpoint.pt"
 # Settings that fix the spend and the result, so a resumed training must use the same values.
 FROZEN_SETTINGS = ("epochs", "batch_size", "lr", "width", "hidden", "seed", "epsilon", "delta", "max_grad_norm",
-                   "ema_decay", "noise_seed")
+                   "ema_decay", "noise_seed", "frontend", "optimizer")
+# Values of settings added after the first release, for run files written without them.
+_SETTING_DEFAULTS = {"frontend": "pixels", "optimizer": "adam"}
 # Operational settings left out of the teacher's recorded training settings.
 _OPERATIONAL_SETTINGS = ("out", "ledger", "resume", "stop_after", "checkpoint_every")
 
@@ -83,6 +86,34 @@ def make_dp_compatible(module: nn.Module) -> nn.Module:
     logger.warning("replaced layers that DP-SGD cannot train (%s) with Opacus's ModuleValidator.fix: %s",
                    ", ".join(replaced), "; ".join(str(problem) for problem in problems))
     return fixed
+
+
+@functools.lru_cache(maxsize=16)
+class _ScatterHead(nn.Module):
+    """The trainable part of a scattering Classifier, applied to precomputed scattering outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.norm = model.features
+        self.fc1 = model.fc1
+        self.fc2 = model.fc2
+
+    def forward(self, scattered: torch.Tensor) -> torch.Tensor:
+        features = self.norm(scattered).flatten(1)
+        return self.fc2(features if self.fc1 is None else F.relu(self.fc1(features)))
+
+
+def scatter_features(model: nn.Module, images, chunk: int = 1000) -> torch.Tensor:
+    """Return the scattering transform of uint8 `images` (N, C, H, W) as (N, 81 C, H/4, W/4) float32."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), chunk), desc="scattering", unit="chunk"):
+            pixels = torch.from_numpy(images[start:start + chunk]).float() / 255
+            pixels = (pixels - model._mean) / model._std
+            parts.append(model.scattering(pixels.contiguous()).flatten(1, 2))
+    return torch.cat(parts)
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,7 +163,8 @@ def _start(config: TeacherTrainConfig, settings: dict) -> tuple[str, float | Non
         if not run_file.is_file():
             raise ValueError(f"--resume given but {out} contains no interrupted DP training; drop --resume to start one")
         saved = json.loads(run_file.read_text())
-        changed = [name for name in settings if saved["settings"].get(name) != settings[name]]
+        changed = [name for name in settings
+                   if saved["settings"].get(name, _SETTING_DEFAULTS.get(name)) != settings[name]]
         if changed:
             raise ValueError(
                 f"cannot resume the DP training in {out}: {', '.join(changed)} differ from the interrupted training; "
@@ -200,24 +232,35 @@ class _Training:
         self.path = Path(config.out) / PRIVATE_DIR / CHECKPOINT_FILE
         torch.manual_seed(config.seed)
         channels, height, _ = train.shape
-        # Normalisation constants must not come from the private data under DP: use the midpoint.
+        scatter = config.frontend == "scatter"
+        # Normalisation constants must not come from the private data under DP: use the midpoint
+        # (the scattering front end needs none, its GroupNorm rescales every image).
+        centre, scale = (0.0, 1.0) if scatter else (0.5, 0.5)
         model = Classifier(image_size=height, channels=channels, num_classes=len(train.class_names),
-                           width=config.width, hidden=config.hidden, norm="group", mean=(0.5,) * channels,
-                           std=(0.5,) * channels, class_names=list(train.class_names))
+                           width=config.width, hidden=config.hidden, norm="group", mean=(centre,) * channels,
+                           std=(scale,) * channels, class_names=list(train.class_names), frontend=config.frontend)
         self.model = make_dp_compatible(model)
+        if scatter:
+            # The scattering transform is fixed, so DP-SGD trains only the head, on features computed
+            # once; the per-example gradients and the guarantee are those of the whole model.
+            self.trained = _ScatterHead(self.model)
+            inputs = scatter_features(self.model, train.images)
+        else:
+            self.trained = self.model
+            inputs = torch.from_numpy(train.images)
         # Both generators are secret. Amplification by Poisson subsampling assumes that the
         # examples in each batch are unknown, and noise protects only while its values are unknown.
         noise_seed = config.noise_seed
         self.sampling_generator = _seeded_generator(noise_seed)
         self.noise_generator = _seeded_generator(None if noise_seed is None else noise_seed + 1)
-        dataset = torch.utils.data.TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels))
+        dataset = torch.utils.data.TensorDataset(inputs, torch.from_numpy(train.labels))
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                              generator=self.sampling_generator)
         self.engine = PrivacyEngine(accountant="prv")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.private_model, self.optimizer, self.loader = self.engine.make_private(
-                module=self.model, optimizer=torch.optim.Adam(self.model.parameters(), lr=config.lr),
+                module=self.trained, optimizer=make_optimizer(config, self.trained.parameters()),
                 data_loader=loader, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
                 poisson_sampling=True, noise_generator=self.noise_generator,
             )
@@ -292,7 +335,8 @@ class _Training:
                                     optimizer=self.optimizer) as memory_safe_loader:
                 for images, labels in memory_safe_loader:
                     if len(labels):
-                        loss = F.cross_entropy(self.private_model(images.float() / 255), labels)
+                        inputs = images if self.trained is not self.model else images.float() / 255
+                        loss = F.cross_entropy(self.private_model(inputs), labels)
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         self.optimizer.step()
@@ -332,6 +376,13 @@ def _check_settings(config: TeacherTrainConfig, train: ImageData) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(config.checkpoint_every, int) or config.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {config.checkpoint_every!r}")
+    if config.frontend not in ("pixels", "scatter"):
+        raise ValueError(f"frontend must be 'pixels' or 'scatter', got {config.frontend!r}")
+    if config.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    if config.hidden < (1 if config.frontend == "pixels" else 0):
+        raise ValueError(f"hidden must be >= 1 with frontend {config.frontend!r} (0 is allowed only with 'scatter'), "
+                         f"got {config.hidden}")
 
 
 def train_teacher_dp(config: TeacherTrainConfig, train: ImageData, test: ImageData | None = None) -> LoadedTeacher | None:
@@ -401,7 +452,8 @@ def _finish(config: TeacherTrainConfig, train: ImageData, test: ImageData | None
         "epochs": config.epochs,
         "expected_batch_size": config.batch_size,
         "max_grad_norm": config.max_grad_norm,
-        "optimizer": "adam",
+        "optimizer": config.optimizer,
+        "frontend": config.frontend,
         "learning_rate": config.lr,
         "ema_decay": config.ema_decay,
         "events": [event.to_dict()],

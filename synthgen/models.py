@@ -52,11 +52,40 @@ class Generator(ModelMixin, ConfigMixin):
         return torch.randn(count, self.config.latent_dim, generator=generator, device=self.device)
 
 
+# Scattering front end of ``frontend="scatter"``: Morlet wavelets at J scales and L angles, up to
+# order 2, as in Tramer and Boneh, "Differentially Private Learning Needs Better Features (or Much
+# More Data)", ICLR 2021. The filters are fixed and data-independent, so under DP-SGD only the
+# head spends privacy, and the features of the private set can be computed once.
+SCATTER_J = 2
+SCATTER_L = 8
+SCATTER_CHANNELS = 1 + SCATTER_J * SCATTER_L + SCATTER_L**2 * SCATTER_J * (SCATTER_J - 1) // 2  # 81 per input channel
+# GroupNorm of the scattering channels in groups of 3, without learned scale or shift: it replaces
+# data normalisation, whose statistics would have to be estimated privately.
+SCATTER_GROUP_SIZE = 3
+
+
+def _scattering(image_size: int) -> nn.Module:
+    # kymatio 0.3's ``kymatio.torch`` also loads the 3-D frontend, which imports
+    # ``scipy.special.sph_harm``, absent from SciPy 1.17. The 2-D frontend does not import it.
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    module = ScatteringTorch2D(J=SCATTER_J, shape=(image_size, image_size), L=SCATTER_L, max_order=2)
+    # The filters follow from (J, L, shape); keeping them out of the state dict keeps the weights
+    # file to what was learned.
+    module._non_persistent_buffers_set.update(module._buffers)
+    return module
+
+
 class Classifier(ModelMixin, ConfigMixin):
-    """Small CNN: two blocks of (3x3 convolution, ReLU, 2x2 max-pool), then two linear layers.
+    """Small image classifier with one of two front ends, then linear layers.
+
+    ``frontend="pixels"`` (default): two blocks of (3x3 convolution, ReLU, 2x2 max-pool), then two
+    linear layers; ``norm="group"`` adds GroupNorm after each convolution. ``frontend="scatter"``:
+    a fixed wavelet scattering transform (81 channels per input channel at a quarter of the image
+    size), GroupNorm without parameters, then a linear layer (``hidden=0``) or two.
 
     It has no BatchNorm on purpose: batch statistics taken on synthetic images would not match
-    real ones at test time, and DP-SGD cannot train BatchNorm. ``norm="group"`` adds GroupNorm.
+    real ones at test time, and DP-SGD cannot train BatchNorm.
     """
 
     @register_to_config
@@ -71,32 +100,58 @@ class Classifier(ModelMixin, ConfigMixin):
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
         class_names: list[str] | None = None,
+        frontend: str = "pixels",
     ):
         super().__init__()
         if norm not in ("none", "group"):
             raise ValueError(f"norm must be 'none' or 'group', got {norm!r}")
+        if frontend not in ("pixels", "scatter"):
+            raise ValueError(f"frontend must be 'pixels' or 'scatter', got {frontend!r}")
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        if hidden < (1 if frontend == "pixels" else 0):
+            raise ValueError(f"hidden must be >= 1 (>= 0 with frontend='scatter'), got {hidden}")
 
-        def block(c_in: int, c_out: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1)]
-            if norm == "group":
-                layers.append(nn.GroupNorm(min(8, c_out), c_out))
-            return layers + [nn.ReLU()]
+        if frontend == "scatter":
+            self.scattering = _scattering(image_size)
+            scatter_channels = channels * SCATTER_CHANNELS
+            self.features = nn.GroupNorm(scatter_channels // SCATTER_GROUP_SIZE, scatter_channels, affine=False)
+            flat = scatter_channels * (image_size // 4) ** 2
+        else:
+            def block(c_in: int, c_out: int) -> list[nn.Module]:
+                layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1)]
+                if norm == "group":
+                    layers.append(nn.GroupNorm(min(8, c_out), c_out))
+                return layers + [nn.ReLU()]
 
-        self.features = nn.Sequential(
-            *block(channels, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), nn.MaxPool2d(2),
-        )
-        self.fc1 = nn.Linear(2 * width * (image_size // 4) ** 2, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
+            self.features = nn.Sequential(
+                *block(channels, width), nn.MaxPool2d(2),
+                *block(width, 2 * width), nn.MaxPool2d(2),
+            )
+            flat = 2 * width * (image_size // 4) ** 2
+        self.fc1 = nn.Linear(flat, hidden) if hidden else None
+        self.fc2 = nn.Linear(hidden or flat, num_classes)
         self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the penultimate activations (B, hidden) for pixel-space input (B, C, H, W)."""
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the per-image front end's output, flattened (B, D), for pixel-space input (B, C, H, W).
+
+        Each row depends on its own image only, so the input may be split into chunks.
+        """
         x = (x - self._mean) / self._std
-        return F.relu(self.fc1(self.features(x).flatten(1)))
+        if self.config.frontend == "scatter":
+            # (B, C, H, W) -> (B, C, 81, H/4, W/4) -> (B, 81 C, H/4, W/4)
+            x = self.scattering(x.contiguous()).flatten(1, 2)
+        return self.features(x).flatten(1)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Map `image_features` output to the penultimate activations."""
+        return features if self.fc1 is None else F.relu(self.fc1(features))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the penultimate activations (B, D) for pixel-space input (B, C, H, W)."""
+        return self.embed_features(self.image_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.embed(x))  # (B, num_classes) logits

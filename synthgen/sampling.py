@@ -79,14 +79,13 @@ def student_logits(student, images):
         images: pixel-space images (B, C, H, W) in [0, 1].
     """
     import torch
-    from torch.nn import functional as F
 
     images = images.to(student.dtype)
     if images.device.type != "cpu":
         return student(images)
     # Classifier.forward, with the per-image layers in chunks and the linear layers on the whole batch.
-    features = torch.cat([student.features((part - student._mean) / student._std) for part in _chunks(images)])
-    return student.fc2(F.relu(student.fc1(features.flatten(1))))  # (B, classes)
+    features = torch.cat([student.image_features(part) for part in _chunks(images)])
+    return student.fc2(student.embed_features(features))  # (B, classes)
 
 
 def prepare_pipeline(pipeline, device):

@@ -340,8 +340,9 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     mean = pixels.mean(axis=(0, 2, 3)).tolist()
     std = pixels.std(axis=(0, 2, 3)).tolist()
     model = Classifier(image_size=height, channels=channels, num_classes=len(train.class_names), width=config.width,
-                       hidden=config.hidden, mean=tuple(mean), std=tuple(std), class_names=list(train.class_names))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+                       hidden=config.hidden, mean=tuple(mean), std=tuple(std), class_names=list(train.class_names),
+                       frontend=config.frontend)
+    optimizer = make_optimizer(config, model.parameters())
     total_steps = config.epochs * max(len(train) // config.batch_size, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr * 3, total_steps=total_steps)
     images = torch.from_numpy(train.images)
@@ -374,6 +375,15 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     )
     save_teacher(model, meta, config.out)
     return LoadedTeacher(model.eval(), meta, fingerprint_state(model.state_dict()))
+
+
+def make_optimizer(config: TeacherTrainConfig, parameters) -> torch.optim.Optimizer:
+    """Return the optimizer that `config` names, at its learning rate."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
 
 
 def save_teacher(model, meta: TeacherMeta, out: str | os.PathLike) -> Path:

@@ -54,8 +54,10 @@ _FROZEN_SETTINGS = (
     "mechanism", "epsilon", "delta", "steps", "batch_size", "student_steps", "generator_steps", "student_lr",
     "generator_lr", "top_k", "clip_norm", "temperature", "replay_size", "replay_batch", "latent_dim",
     "generator_width", "student_width", "student_hidden", "student_norm", "onehot_weight", "entropy_weight",
-    "activation_weight", "adversarial_weight", "seed", "noise_seed",
+    "activation_weight", "adversarial_weight", "seed", "noise_seed", "student_frontend", "student_init",
 )
+# Values of settings added after the first release, for run files written without them.
+_SETTING_DEFAULTS = {"student_frontend": "pixels", "student_init": "random"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,14 +104,27 @@ def _check_settings(config: TranscribeConfig) -> None:
     for name in ("steps", "batch_size", "student_steps", "checkpoint_every", "latent_dim", "generator_width",
                  "student_width", "student_hidden", "top_k"):
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise TranscriptionError(f"{name} must be an integer >= 1, got {value!r}")
+        # A scattering student may have no hidden layer (a linear head).
+        least = 0 if name == "student_hidden" and config.student_frontend == "scatter" else 1
+        if not isinstance(value, int) or value < least:
+            raise TranscriptionError(f"{name} must be an integer >= {least}, got {value!r}")
     for name in ("generator_steps", "replay_size", "replay_batch", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             raise TranscriptionError(f"{name} must be an integer >= 0, got {value!r}")
     if config.student_norm not in ("none", "group"):
         raise TranscriptionError(f"student_norm must be 'none' or 'group', got {config.student_norm!r}")
+    if config.student_frontend not in ("pixels", "scatter"):
+        raise TranscriptionError(f"student_frontend must be 'pixels' or 'scatter', got {config.student_frontend!r}")
+    if config.student_init not in ("random", "teacher"):
+        raise TranscriptionError(f"student_init must be 'random' or 'teacher', got {config.student_init!r}")
+    if config.student_init == "teacher" and config.mechanism != "dp-teacher":
+        # The teacher's weights are what the other mechanisms protect: a copy would release them.
+        raise TranscriptionError(
+            f"student_init 'teacher' copies the teacher's weights into the released student, which is private "
+            f"only when the teacher itself is DP (--mechanism dp-teacher), not with --mechanism {config.mechanism}; "
+            "use --student-init random"
+        )
     for name in ("student_lr", "generator_lr", "clip_norm", "temperature"):
         value = getattr(config, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -293,7 +308,8 @@ def _prepare_run_dir(config: TranscribeConfig) -> tuple[Path, str]:
         if not run_config.is_file():
             raise TranscriptionError(f"--resume given but {run_dir} contains no interrupted run; drop --resume to start one")
         saved = json.loads(run_config.read_text())
-        changed = [name for name in _FROZEN_SETTINGS if saved["config"].get(name) != getattr(config, name)]
+        changed = [name for name in _FROZEN_SETTINGS
+                   if saved["config"].get(name, _SETTING_DEFAULTS.get(name)) != getattr(config, name)]
         if changed:
             raise TranscriptionError(
                 f"cannot resume {run_dir}: {', '.join(changed)} differ from the interrupted run; use the same settings"
@@ -327,6 +343,20 @@ def _create_run_dir(run_dir: Path, run_id: str, config: TranscribeConfig) -> Non
 # ---------------------------------------------------------------- the run
 
 
+def _copy_of_teacher(teacher: LoadedTeacher, config: TranscribeConfig):
+    """Return a trainable copy of a DP teacher that is a synthgen Classifier."""
+    from .models import Classifier
+
+    if not isinstance(teacher.module, Classifier):
+        raise TranscriptionError(
+            f"student_init 'teacher' needs a teacher saved by synthgen (a Classifier); {config.teacher} holds "
+            f"{type(teacher.module).__name__}; use --student-init random"
+        )
+    student = Classifier.from_config(teacher.module.config)
+    student.load_state_dict(teacher.module.state_dict())
+    return student.train()
+
+
 class _Run:
     def __init__(self, config: TranscribeConfig, setup: _Setup, run_dir: Path, run_id: str, ledger: Ledger | None):
         from .models import Classifier, Generator
@@ -342,11 +372,14 @@ class _Run:
         torch.manual_seed(config.seed)
         self.generator = Generator(latent_dim=config.latent_dim, image_size=height, channels=channels,
                                    width=config.generator_width)
-        # The student's normalisation is a public constant, not a statistic of the private data.
-        self.student = Classifier(image_size=height, channels=channels, num_classes=meta.num_classes,
-                                  width=config.student_width, hidden=config.student_hidden, norm=config.student_norm,
-                                  mean=(0.5,) * channels,
-                                  std=(0.5,) * channels, class_names=self.class_names)
+        if config.student_init == "teacher":
+            self.student = _copy_of_teacher(setup.teacher, config)
+        else:
+            # The student's normalisation is a public constant, not a statistic of the private data.
+            self.student = Classifier(image_size=height, channels=channels, num_classes=meta.num_classes,
+                                      width=config.student_width, hidden=config.student_hidden,
+                                      norm=config.student_norm, mean=(0.5,) * channels, std=(0.5,) * channels,
+                                      class_names=self.class_names, frontend=config.student_frontend)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
         self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)
         self.device = resolve_device(config.device)
