@@ -21,7 +21,7 @@ Records go to benchmarks/results/build.json: images_per_second, forward_ratio an
 and with --processes images_per_second_processes.
 
 Usage: python scripts/benchmark_build.py [--rows 20000] [--shard-size 5000] [--generator PATH] [--threads T]
-                                         [--processes N]
+                                         [--processes N] [--precision bfloat16]
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def build_in_processes(generator: Path, out: Path, args) -> float:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
                str(args.processes), "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
                str(generator), "--num-samples", str(args.rows), "--shard-size", str(args.shard_size), "--seed",
-               str(args.seed), "--out", str(out), "--device", "cpu", "--threads", "1", "--no-catalog", "--overwrite"]
+               str(args.seed), "--out", str(out), "--device", "cpu", "--threads", "1", "--no-catalog", "--overwrite",
+               "--precision", args.precision]
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     manifest = json.loads((out / "synthgen_dataset.json").read_text())
     rate = manifest["rows"] / manifest["build_seconds"]
@@ -136,6 +137,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the small run and of the build (default 0)")
     parser.add_argument("--work", help="folder for the small run and the build (default: a temporary folder)")
     parser.add_argument("--threads", type=int, help="torch threads of the raw forward and the build (default: torch's)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="generator precision of the raw forward and the builds (default float32)")
     parser.add_argument("--processes", type=int, default=0,
                         help="also build with torchrun in this many processes of one thread each (default: no)")
     args = parser.parse_args()
@@ -146,6 +149,7 @@ def main() -> int:
 
     from synthgen.build import BuildConfig, build_dataset
     from synthgen.generator_source import load_generator
+    from synthgen.sampling import set_generator_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,6 +158,7 @@ def main() -> int:
         generator = Path(args.generator) if args.generator else make_generator(work, args.seed)
         source = load_generator(str(generator))
         source.pipeline.set_progress_bar_config(disable=True)
+        set_generator_precision(source.pipeline.generator, args.precision)
 
         load_before = os.getloadavg()[0]
         raw_before = raw_forward(source.pipeline, min(args.rows, 10_240))
@@ -162,7 +167,7 @@ def main() -> int:
         started = time.perf_counter()
         result = build_dataset(BuildConfig(generator=str(generator), num_samples=args.rows, shard_size=args.shard_size,
                                            seed=args.seed, out=str(out), overwrite=out.exists(), device="cpu",
-                                           threads=args.threads, record=False))
+                                           threads=args.threads, record=False, precision=args.precision))
         build_rate = result.rows / (time.perf_counter() - started)
         raw_after = raw_forward(source.pipeline, min(args.rows, 10_240))
         raw = (raw_before + raw_after) / 2
@@ -182,7 +187,7 @@ def main() -> int:
             raw_images_per_second_before_after=[round(raw_before, 1), round(raw_after, 1)],
             # Other work on a shared machine lowers both throughputs; the ratio is less affected.
             load_average_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-            cpu_cores=len(os.sched_getaffinity(0)),
+            cpu_cores=len(os.sched_getaffinity(0)), precision=args.precision,
         )
         records = [
             record("build", "images_per_second", round(build_rate, 1), **common,
@@ -204,7 +209,7 @@ def main() -> int:
                 processes=args.processes,
                 note=f"labelled images written into parquet per second by torchrun with {args.processes} processes "
                      "of one torch thread each, timed by the build from loading the generator to the card"))
-        path = write_records("build", records)
+        path = write_records("build", records, replace_keys=("metric", "precision", "processes"))
         logger.info("wrote %s", path)
     finally:
         if not args.work:

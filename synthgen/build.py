@@ -43,7 +43,7 @@ import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from .generator_source import accountant_name
-from .sampling import BLOCK_SIZE, SAMPLER, draw_block, plan_per_class, prepare_pipeline
+from .sampling import BLOCK_SIZE, PRECISIONS, SAMPLER, draw_block, plan_per_class, prepare_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class BuildConfig:
     resume: bool = False  # continue an interrupted build with the same settings
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     threads: int | None = None  # torch CPU threads per process
+    precision: str = "float32"  # generator precision, "float32" or "bfloat16" (part of the dataset's definition)
     catalog: str | None = None  # catalog file; default $SYNTHGEN_CATALOG or the user data folder
     record: bool = True  # record the dataset in the catalog
 
@@ -127,6 +128,8 @@ def validate_config(config: BuildConfig) -> None:
         raise BuildError(f"--seed must be below 2**63, got {config.seed}")
     if config.threads is not None:
         _check_int("threads", config.threads, 1, "--threads")
+    if config.precision not in PRECISIONS:
+        raise BuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if not isinstance(config.split, str) or not _SPLIT_NAME.match(config.split):
         raise BuildError(f"--split must be a plain name of letters, digits and underscores (it becomes part of the "
                          f"shard file names), got {config.split!r}")
@@ -272,6 +275,8 @@ def _settings(config: BuildConfig, source) -> dict:
         "shard_size": config.shard_size,
         "split": config.split,
         "block_size": BLOCK_SIZE,
+        # Left out at the default, so that builds recorded before the option existed still resume.
+        **({"precision": config.precision} if config.precision != "float32" else {}),
     }
 
 
@@ -362,7 +367,8 @@ def _new_manifest(config: BuildConfig, source, settings: dict, rows: int, shards
         "image_shape": list(source.image_shape),
         "size_category": _size_category(rows),
         "privacy": _privacy_facts(source),
-        "sampler": SAMPLER,
+        "sampler": SAMPLER if config.precision == "float32" else
+                   f"{SAMPLER}; generator in bfloat16 and channels-last except its last convolution",
         "software": {"synthgen": metadata.version("synthgen"), "torch": metadata.version("torch"),
                      "datasets": metadata.version("datasets")},
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -488,7 +494,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
             f"--push-to-hub needs a generator published on the Hub, so that the dataset card can link its privacy "
             f"datasheet and no local path is published; publish {source.location} with 'synthgen push' first and "
             "build from that repository")
-    pipeline = prepare_pipeline(source.pipeline, device)
+    pipeline = prepare_pipeline(source.pipeline, device, config.precision)
     settings = _settings(config, source)
 
     # 2. decide what to do with the output folder. Nothing is written before every process has checked it.

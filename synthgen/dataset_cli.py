@@ -38,6 +38,7 @@ def _cmd_build(args) -> int:
         seed=args.seed, shard_size=args.shard_size, out=args.out, push_to_hub=args.push_to_hub, private=args.private,
         split=args.split, name=args.name, license=args.license, overwrite=args.overwrite, resume=args.resume,
         device=args.device, threads=args.threads, catalog=args.catalog, record=not args.no_catalog,
+        precision=args.precision,
     )
     result = build_dataset(config)
     if result.process_index == 0:
@@ -155,6 +156,10 @@ def _add_build(commands) -> None:
 
     build.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     build.add_argument("--threads", type=_integer, help="torch CPU threads per process (default: torch's)")
+    build.add_argument("--precision", default="float32",
+                       help="generator precision: 'float32' (default) or 'bfloat16', about 5 times faster on CPUs "
+                            "with AMX or AVX-512 BF16; the images differ slightly, so it is part of the dataset's "
+                            "definition and a resumed build must use the same value")
     build.add_argument("--catalog", help="catalog file (default $SYNTHGEN_CATALOG or "
                                          "~/.local/share/synthgen/catalog.duckdb)")
     build.add_argument("--no-catalog", action="store_true", help="do not record the dataset in the catalog")

@@ -45,8 +45,12 @@ class Generator(ModelMixin, ConfigMixin):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         width = self.config.width
-        hidden = self.fc(z).view(z.shape[0], 2 * width, self.init_size, self.init_size)  # (B, 2W, H/4, W/4)
-        return (self.blocks(hidden) + 1) / 2  # (B, C, H, W) in [0, 1]
+        hidden = self.fc(z.to(self.fc.weight.dtype)).view(z.shape[0], 2 * width, self.init_size, self.init_size)
+        features = self.blocks[:-2](hidden)  # (B, W, H, W)
+        # The last convolution may be kept in float32 while the rest runs in bfloat16 (see
+        # synthgen.sampling.prepare_pipeline); the image then leaves it in float32.
+        last = self.blocks[-2]
+        return (self.blocks[-1](last(features.to(last.weight.dtype))) + 1) / 2  # (B, C, H, W) in [0, 1]
 
     def sample_latents(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(count, self.config.latent_dim, generator=generator, device=self.device)

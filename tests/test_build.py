@@ -140,6 +140,36 @@ def test_shard_size_does_not_change_rows(reference, run_dir, tmp_path):
     same_rows(read_rows(tmp_path / "shards"), read_rows(reference))
 
 
+def test_bfloat16_build_is_deterministic_and_close(reference, run_dir, tmp_path):
+    # bfloat16 is another definition of the dataset: the same rows in any shard size and thread
+    # count, and images within a few 8-bit levels of the float32 ones.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        build(run_dir, tmp_path / "bf16-a", num_samples=ROWS, shard_size=256, precision="bfloat16")
+        torch.set_num_threads(2)
+        build(run_dir, tmp_path / "bf16-b", num_samples=ROWS, shard_size=97, precision="bfloat16")
+    finally:
+        torch.set_num_threads(threads)
+    first, second = read_rows(tmp_path / "bf16-a"), read_rows(tmp_path / "bf16-b")
+    same_rows(first, second)
+    manifest = json.loads((tmp_path / "bf16-a" / MANIFEST_FILE).read_text())
+    assert manifest["settings"]["precision"] == "bfloat16"
+    assert "bfloat16" in manifest["sampler"]
+    exact, fast = decode_images(read_rows(reference)), decode_images(first)
+    difference = np.abs(exact.astype(int) - fast.astype(int))
+    assert difference.mean() < 1.0
+    assert difference.max() <= 16
+    agreement = np.mean(np.array(read_rows(reference).column("label")) == np.array(first.column("label")))
+    assert agreement >= 0.95
+
+
+def test_resume_rejects_other_precision(run_dir, tmp_path):
+    build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256)
+    with pytest.raises(BuildError, match="precision"):
+        build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256, precision="bfloat16", resume=True)
+
+
 def test_fewer_rows_are_a_prefix(reference, run_dir, tmp_path):
     build(run_dir, tmp_path / "prefix", num_samples=300, shard_size=300)
     same_rows(read_rows(tmp_path / "prefix"), read_rows(reference).slice(0, 300))
@@ -464,6 +494,7 @@ def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     (["--num-samples", "10", "--shard-size", "0"], "--shard-size must be an integer >= 1"),
     (["--num-samples", "10", "--shard-size", "-1"], "--shard-size must be an integer >= 1"),
     (["--num-samples", "10", "--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--num-samples", "10", "--precision", "float16"], "--precision must be one of float32, bfloat16, got 'float16'"),
     (["--num-samples", "10", "--split", "../escape"], "--split must be a plain name"),
     (["--num-samples", "10", "--split", "a/b"], "--split must be a plain name"),
     (["--num-samples", "10", "--push-to-hub", "tester/../escape"], "dataset repository NAMESPACE/NAME"),
