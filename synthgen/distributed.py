@@ -28,6 +28,7 @@ Protocol of one run (rank 0 is the main process):
 from __future__ import annotations
 
 import atexit
+import datetime
 import hashlib
 import logging
 import os
@@ -236,8 +237,17 @@ def connect(device: torch.device) -> ProcessGroup:
 
 
 def _disconnect() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if not torch.distributed.is_initialized():
+        return
+    # Ranks that tear gloo down while a peer still sends have aborted with "terminate called
+    # without an active exception" (torch 2.13, rarely, under load), so wait for the others first.
+    # The timeout keeps a rank from hanging at exit when a peer has died.
+    if torch.distributed.get_backend() == "gloo":  # monitored_barrier exists for gloo only
+        try:
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except RuntimeError as error:
+            logger.warning("ranks did not meet before leaving the process group: %s", error)
+    torch.distributed.destroy_process_group()
 
 
 def join_answers(payloads: list[bytes]):
