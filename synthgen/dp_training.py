@@ -94,13 +94,14 @@ class _ScatterHead(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        # Registered here so that Opacus hooks them; they are the model's own layers.
         self.norm = model.features
         self.fc1 = model.fc1
         self.fc2 = model.fc2
+        self._embed_features = model.embed_features
 
     def forward(self, scattered: torch.Tensor) -> torch.Tensor:
-        features = self.norm(scattered).flatten(1)
-        return self.fc2(features if self.fc1 is None else F.relu(self.fc1(features)))
+        return self.fc2(self._embed_features(self.norm(scattered).flatten(1)))
 
 
 def scatter_features(model: nn.Module, images, chunk: int = 1000) -> torch.Tensor:
@@ -241,8 +242,8 @@ class _Training:
                            std=(scale,) * channels, class_names=list(train.class_names), frontend=config.frontend)
         self.model = make_dp_compatible(model)
         if scatter:
-            # The scattering transform is fixed, so DP-SGD trains only the head, on features computed
-            # once; the per-example gradients and the guarantee are those of the whole model.
+            # The scattering transform has no parameters, so DP-SGD trains only the head, on features
+            # computed once. The per-example gradients, and so the guarantee, equal the whole model's.
             self.trained = _ScatterHead(self.model)
             inputs = scatter_features(self.model, train.images)
         else:

@@ -349,7 +349,7 @@ def _copy_of_teacher(teacher: LoadedTeacher, config: TranscribeConfig):
 
     if not isinstance(teacher.module, Classifier):
         raise TranscriptionError(
-            f"student_init 'teacher' needs a teacher saved by synthgen (a Classifier); {config.teacher} holds "
+            f"student_init 'teacher' needs a teacher saved by synthgen (a Classifier); {config.teacher} contains "
             f"{type(teacher.module).__name__}; use --student-init random"
         )
     student = Classifier.from_config(teacher.module.config)
