@@ -2,7 +2,8 @@
 
 Every variant trains the teacher on all of real MNIST at the same example-level (epsilon,
 delta) under replace-one. Each changes one setting of the base recipe: a GroupNorm CNN, batch
-512, Adam at 2e-3, clipping norm 1 and an EMA of the weights with decay 0.999. The noise multiplier is
+512, Adam at 2e-3, clipping norm 1 and an EMA of the weights with decay 0.999, no augmentation
+and no weight standardisation. The noise multiplier is
 recalibrated for each variant, so every row spends the same privacy. The records go to
 benchmarks/results/dp_sgd.json with a `variant` field.
 
@@ -39,6 +40,8 @@ VARIANTS = {
     "batch-1024": {"batch_size": 1024},
     "batch-256": {"batch_size": 256},
     "clip-0.1": {"max_grad_norm": 0.1},
+    "weight-std": {"weight_standardization": True},
+    "augmult-4": {"augment_multiplicity": 4},
 }
 
 

@@ -148,6 +148,11 @@ class TeacherTrainConfig:
     max_grad_norm: float = option(1.0, "DP-SGD: per-example gradient clipping norm C")
     physical_batch_size: int = option(256, "DP-SGD: examples per forward pass (memory); --batch-size is the expected "
                                       "logical batch of Poisson sampling")
+    augment_multiplicity: int = option(1, "DP-SGD: augmented copies of every sampled example (random shifts of up "
+                                       "to 2 pixels); each example's gradient is the mean over its copies before "
+                                       "clipping, so the guarantee is unchanged. 1: no augmentation (pixels only)")
+    weight_standardization: bool = option(False, "DP-SGD: standardise the convolutions' weights per output channel "
+                                          "(pixels front end, which DP training builds with GroupNorm)")
     ema_decay: float = option(0.999, "DP-SGD: decay of the exponential moving average of the weights kept as the "
                               "teacher (free post-processing); 0 disables")
     ledger: str | None = option(None, "DP-SGD: privacy ledger (DuckDB file) that records the spend before training")

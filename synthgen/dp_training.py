@@ -45,9 +45,12 @@ RUN_FILE = "dp_training.json"
 CHECKPOINT_FILE = "dp_checkpoint.pt"
 # Settings that fix the spend and the result, so a resumed training must use the same values.
 FROZEN_SETTINGS = ("epochs", "batch_size", "lr", "width", "hidden", "seed", "epsilon", "delta", "max_grad_norm",
-                   "ema_decay", "noise_seed", "frontend", "optimizer")
+                   "ema_decay", "noise_seed", "frontend", "optimizer", "augment_multiplicity", "weight_standardization")
 # Values of settings added after the first release, for run files written without them.
-_SETTING_DEFAULTS = {"frontend": "pixels", "optimizer": "adam"}
+_SETTING_DEFAULTS = {"frontend": "pixels", "optimizer": "adam", "augment_multiplicity": 1,
+                     "weight_standardization": False}
+# Largest shift, in pixels, of an augmented copy along each axis.
+AUGMENT_SHIFT = 2
 # Operational settings left out of the teacher's recorded training settings.
 _OPERATIONAL_SETTINGS = ("out", "ledger", "resume", "stop_after", "checkpoint_every")
 
@@ -102,6 +105,39 @@ class _ScatterHead(nn.Module):
 
     def forward(self, scattered: torch.Tensor) -> torch.Tensor:
         return self.fc2(self._embed_features(self.norm(scattered).flatten(1)))
+
+
+def augmented_copies(images: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
+    """Return `copies` randomly shifted versions of each image, grouped by example: (N * copies, C, H, W).
+
+    Each copy is the image translated by up to AUGMENT_SHIFT pixels along each axis, with the
+    border reflected in. Rows n * copies .. (n + 1) * copies - 1 come from image n.
+    """
+    count, _, height, width = images.shape
+    repeated = images.repeat_interleave(copies, dim=0)
+    padded = F.pad(repeated, (AUGMENT_SHIFT,) * 4, mode="reflect")
+    shifts = torch.randint(0, 2 * AUGMENT_SHIFT + 1, (2, count * copies), generator=generator)
+    rows = shifts[0, :, None] + torch.arange(height)  # (N * copies, H)
+    cols = shifts[1, :, None] + torch.arange(width)  # (N * copies, W)
+    index = torch.arange(count * copies)[:, None, None]
+    # Advanced indexing around the channel slice puts the channels last: (N * copies, H, W, C).
+    return padded[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def average_over_copies(module: nn.Module, copies: int) -> None:
+    """Replace every per-sample gradient of `module`'s parameters by its mean over each example's copies.
+
+    The rows of one example are adjacent (see `augmented_copies`), so (N * copies, ...) becomes
+    (N, ...). Clipping then bounds each example's averaged gradient, as DP-SGD requires: the
+    copies are functions of that one example, so the sensitivity is unchanged.
+    """
+    for parameter in module.parameters():
+        grad_sample = getattr(parameter, "grad_sample", None)
+        if grad_sample is None:
+            continue
+        if isinstance(grad_sample, list):  # a layer called more than once per forward pass
+            grad_sample = torch.stack(grad_sample).sum(0)
+        parameter.grad_sample = grad_sample.view(-1, copies, *grad_sample.shape[1:]).mean(1)
 
 
 def scatter_features(model: nn.Module, images, chunk: int = 1000) -> torch.Tensor:
@@ -239,7 +275,8 @@ class _Training:
         centre, scale = (0.0, 1.0) if scatter else (0.5, 0.5)
         model = Classifier(image_size=height, channels=channels, num_classes=len(train.class_names),
                            width=config.width, hidden=config.hidden, norm="group", mean=(centre,) * channels,
-                           std=(scale,) * channels, class_names=list(train.class_names), frontend=config.frontend)
+                           std=(scale,) * channels, class_names=list(train.class_names), frontend=config.frontend,
+                           weight_standardization=config.weight_standardization)
         self.model = make_dp_compatible(model)
         if scatter:
             # The scattering transform has no parameters, so DP-SGD trains only the head, on features
@@ -275,6 +312,9 @@ class _Training:
         self.ema = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self.ema_steps = 0
         self.steps_done = 0  # logical (Poisson) batches drawn, empty ones included
+        # The shifts of augmented copies need not be secret: every copy is clipped together with its
+        # example, whatever the shifts are.
+        self.augment_generator = torch.Generator().manual_seed(config.seed)
 
     def save(self, final: bool = False) -> None:
         """Write the checkpoint atomically; a final one leaves out the generator states (secrets)."""
@@ -288,6 +328,7 @@ class _Training:
             "torch_rng": torch.get_rng_state(),
             "sampling_rng": None if final else self.sampling_generator.get_state(),
             "noise_rng": None if final else self.noise_generator.get_state(),
+            "augment_rng": self.augment_generator.get_state(),
         }
         payload = io.BytesIO()
         torch.save(state, payload)
@@ -304,6 +345,8 @@ class _Training:
         self.ema_steps = int(state["ema_steps"])
         self.engine.accountant.load_state_dict(state["accountant"])
         torch.set_rng_state(state["torch_rng"])
+        if "augment_rng" in state:  # absent from checkpoints written before augmentation existed
+            self.augment_generator.set_state(state["augment_rng"])
         if self.steps_done < self.plan.steps:
             self.sampling_generator.set_state(state["sampling_rng"])
             self.noise_generator.set_state(state["noise_rng"])
@@ -337,9 +380,15 @@ class _Training:
                 for images, labels in memory_safe_loader:
                     if len(labels):
                         inputs = images if self.trained is not self.model else images.float() / 255
+                        copies = config.augment_multiplicity
+                        if copies > 1:
+                            inputs = augmented_copies(inputs, copies, self.augment_generator)
+                            labels = labels.repeat_interleave(copies)
                         loss = F.cross_entropy(self.private_model(inputs), labels)
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        if copies > 1:
+                            average_over_copies(self.trained, copies)
                         self.optimizer.step()
                         if self.optimizer._is_last_step_skipped:
                             continue  # a physical part of a logical batch: the step comes with the last part
@@ -381,6 +430,13 @@ def _check_settings(config: TeacherTrainConfig, train: ImageData) -> None:
         raise ValueError(f"frontend must be 'pixels' or 'scatter', got {config.frontend!r}")
     if config.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    if not isinstance(config.augment_multiplicity, int) or config.augment_multiplicity < 1:
+        raise ValueError(f"augment_multiplicity must be an integer >= 1, got {config.augment_multiplicity!r}")
+    if config.frontend == "scatter" and (config.augment_multiplicity > 1 or config.weight_standardization):
+        raise ValueError("augment_multiplicity > 1 and weight_standardization apply to the pixels front end only: the "
+                         "scattering features are computed once and have no convolution to standardise; got "
+                         f"augment_multiplicity={config.augment_multiplicity}, "
+                         f"weight_standardization={config.weight_standardization}")
     if config.hidden < (1 if config.frontend == "pixels" else 0):
         raise ValueError(f"hidden must be >= 1 with frontend {config.frontend!r} (0 is allowed only with 'scatter'), "
                          f"got {config.hidden}")
@@ -455,6 +511,8 @@ def _finish(config: TeacherTrainConfig, train: ImageData, test: ImageData | None
         "max_grad_norm": config.max_grad_norm,
         "optimizer": config.optimizer,
         "frontend": config.frontend,
+        "augment_multiplicity": config.augment_multiplicity,
+        "weight_standardization": config.weight_standardization,
         "learning_rate": config.lr,
         "ema_decay": config.ema_decay,
         "events": [event.to_dict()],

@@ -80,11 +80,27 @@ def _scattering(image_size: int) -> nn.Module:
     return module
 
 
+class StandardizedConv2d(nn.Conv2d):
+    """A convolution whose weights are standardised per output channel at every call.
+
+    Weight standardisation (Qiao et al. 2019) makes the layer's output invariant to the scale and
+    offset of each output channel's weights. The stored weights are the raw ones, and the
+    standardisation is part of the forward pass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return self._conv_forward(x, (weight - mean) / torch.sqrt(var + 1e-5), self.bias)
+
+
 class Classifier(ModelMixin, ConfigMixin):
     """Small image classifier with one of two front ends, then linear layers.
 
     ``frontend="pixels"`` (default): two blocks of (3x3 convolution, ReLU, 2x2 max-pool), then two
-    linear layers; ``norm="group"`` adds GroupNorm after each convolution. ``frontend="scatter"``:
+    linear layers; ``norm="group"`` adds GroupNorm after each convolution, and
+    ``weight_standardization`` standardises the convolutions' weights. ``frontend="scatter"``:
     a fixed wavelet scattering transform (81 channels per input channel at a quarter of the image
     size), GroupNorm without parameters, then a linear layer (``hidden=0``) or two.
 
@@ -105,6 +121,7 @@ class Classifier(ModelMixin, ConfigMixin):
         std: tuple[float, ...] = (0.5,),
         class_names: list[str] | None = None,
         frontend: str = "pixels",
+        weight_standardization: bool = False,
     ):
         super().__init__()
         if norm not in ("none", "group"):
@@ -115,6 +132,9 @@ class Classifier(ModelMixin, ConfigMixin):
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         if hidden < (1 if frontend == "pixels" else 0):
             raise ValueError(f"hidden must be >= 1 (>= 0 with frontend='scatter'), got {hidden}")
+        if weight_standardization and (frontend != "pixels" or norm != "group"):
+            raise ValueError("weight_standardization needs frontend='pixels' and norm='group' (the standardised "
+                             f"convolutions rely on GroupNorm), got frontend={frontend!r}, norm={norm!r}")
 
         if frontend == "scatter":
             self.scattering = _scattering(image_size)
@@ -123,7 +143,8 @@ class Classifier(ModelMixin, ConfigMixin):
             flat = scatter_channels * (image_size // 4) ** 2
         else:
             def block(c_in: int, c_out: int) -> list[nn.Module]:
-                layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1)]
+                conv = StandardizedConv2d if weight_standardization else nn.Conv2d
+                layers: list[nn.Module] = [conv(c_in, c_out, 3, padding=1)]
                 if norm == "group":
                     layers.append(nn.GroupNorm(min(8, c_out), c_out))
                 return layers + [nn.ReLU()]

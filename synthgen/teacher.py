@@ -334,6 +334,9 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
 
     from .models import Classifier
 
+    if config.augment_multiplicity != 1 or config.weight_standardization:
+        raise ValueError("augment_multiplicity and weight_standardization are DP-SGD settings; add --dp, or leave "
+                         f"them at 1 and off (got {config.augment_multiplicity}, {config.weight_standardization})")
     torch.manual_seed(config.seed)
     channels, height, _ = train.shape
     pixels = train.images.astype(np.float32) / 255
