@@ -154,8 +154,11 @@ def copy_grid(run_dir: Path, plots: Path, dataset: str, fields: dict) -> None:
         return
     epsilon = "none" if fields["epsilon"] is None else f"eps{fields['epsilon']:.2g}"
     unit = fields["unit"] or "not-private"
+    # Scattering teachers share mechanism, unit and epsilon with the pixel DP teacher; name them apart.
+    teacher = json.loads((run_dir / "privacy_report.json").read_text()).get("teacher_dp") or {}
+    frontend = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
     plots.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}.png")
+    shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}{frontend}.png")
 
 
 def check_records(records: list[dict]) -> None:
