@@ -114,14 +114,18 @@ def scatter_recipe(args) -> tuple[int, float, int, str]:
     return batch, lr, epochs, suffix
 
 
-def scatter_note(batch: int, lr: float, epochs: int, recipe: str) -> str:
-    origin = ("batch, learning rate and epochs of the best linear ScatterNet configuration that Tramer and Boneh 2021 "
-              "published for this dataset at epsilon 3, used with no search on our data; their MNIST run normalised "
-              "with noisy batch statistics, this one with GroupNorm" if recipe == "published" else
-              "the ScatterNet recipe of Tramer and Boneh 2021 shortened to fit the machine, checked with a few "
-              "development runs on MNIST; that checking is not accounted")
-    return (f"DP-SGD scattering teacher: fixed wavelet scattering (J=2, L=8), parameter-free GroupNorm and a linear "
-            f"layer; batch {batch}, SGD momentum 0.9 at lr {lr:g}, clipping 0.1, {epochs} epochs, EMA 0.99 ({origin})")
+def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str) -> str:
+    """Return the record note that states a scattering teacher's recipe and where it came from."""
+    note = ("DP-SGD scattering teacher: fixed wavelet scattering (J=2, L=8), parameter-free GroupNorm and a linear "
+            f"layer. Batch {batch}, SGD with momentum 0.9 at lr {lr:g}, clipping 0.1, {epochs} epochs, EMA 0.99.")
+    if recipe == "short":
+        return note + (" The ScatterNet recipe of Tramer and Boneh 2021, shortened to fit the machine and checked with "
+                       "a few development runs on MNIST. That checking is not accounted.")
+    note += (" Batch, learning rate and epochs are those that Tramer and Boneh 2021 published for their best linear "
+             "ScatterNet on this dataset at epsilon 3, used without any search on our data.")
+    if dataset == "mnist":
+        note += " Their MNIST run normalised the features with noisy batch statistics; this one uses GroupNorm."
+    return note
 
 
 def run_scatter_teacher(args, data: str, epsilon: float, records: list) -> Path:
@@ -130,7 +134,7 @@ def run_scatter_teacher(args, data: str, epsilon: float, records: list) -> Path:
     from synthgen.teacher import train_teacher_dp
 
     batch, lr, epochs, suffix = scatter_recipe(args)
-    note = scatter_note(batch, lr, epochs, args.scatter_recipe)
+    note = scatter_note(batch, lr, epochs, args.scatter_recipe, args.dataset)
     out = Path(args.out) / f"dp-sgd-scatter-teacher{suffix}-eps{epsilon:g}"
     common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1,
                   method=f"opacus-dp-sgd-scatternet{suffix}", batch=batch, lr=lr, epochs=epochs)

@@ -91,7 +91,6 @@ def make_dp_compatible(module: nn.Module) -> nn.Module:
     return fixed
 
 
-@functools.lru_cache(maxsize=16)
 class _ScatterHead(nn.Module):
     """The trainable part of a scattering Classifier, applied to precomputed scattering outputs."""
 
@@ -135,8 +134,11 @@ def average_over_copies(module: nn.Module, copies: int) -> None:
         grad_sample = getattr(parameter, "grad_sample", None)
         if grad_sample is None:
             continue
-        if isinstance(grad_sample, list):  # a layer called more than once per forward pass
-            grad_sample = torch.stack(grad_sample).sum(0)
+        if isinstance(grad_sample, list):
+            # Opacus keeps a list when backward ran more than once since the last zero_grad. Those
+            # rows come from different batches and must not be averaged together.
+            raise RuntimeError("per-sample gradients from several backward passes; call zero_grad before each "
+                               "backward when averaging over augmented copies")
         parameter.grad_sample = grad_sample.view(-1, copies, *grad_sample.shape[1:]).mean(1)
 
 
@@ -431,10 +433,12 @@ def _check_settings(config: TeacherTrainConfig, train: ImageData) -> None:
     if config.optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
     if not isinstance(config.augment_multiplicity, int) or config.augment_multiplicity < 1:
-        raise ValueError(f"augment_multiplicity must be an integer >= 1, got {config.augment_multiplicity!r}")
+        raise ValueError(f"augment_multiplicity must be an integer >= 1 (1: no augmentation), "
+                         f"got {config.augment_multiplicity!r}")
     if config.frontend == "scatter" and (config.augment_multiplicity > 1 or config.weight_standardization):
         raise ValueError("augment_multiplicity > 1 and weight_standardization apply to the pixels front end only: the "
-                         "scattering features are computed once and have no convolution to standardise; got "
+                         "scattering features are computed once and have no convolution to standardise. Leave them "
+                         "at 1 and off, or use --frontend pixels; got "
                          f"augment_multiplicity={config.augment_multiplicity}, "
                          f"weight_standardization={config.weight_standardization}")
     if config.hidden < (1 if config.frontend == "pixels" else 0):
