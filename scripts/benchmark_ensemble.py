@@ -50,15 +50,15 @@ def stage_train(args, data: str, records: list) -> None:
                                      hidden=args.teacher_hidden, seed=args.seed)
         started = time.time()
         train_ensemble(config, load_image_data(data, "train"), load_image_data(data, "test"))
-        records.append(record("ensemble", "teacher_seconds", round(time.time() - started, 1), K=args.num_teachers,
+        records.append(record("ensemble", "teacher_seconds", round(time.time() - started, 1), K=args.num_teachers, dataset=args.dataset,
                               method=f"synthgen-ensemble K={args.num_teachers}", note="stacked training of all K teachers, 1 thread"))
     elif args.trained_seconds is not None:
-        records.append(record("ensemble", "teacher_seconds", args.trained_seconds, K=args.num_teachers,
+        records.append(record("ensemble", "teacher_seconds", args.trained_seconds, K=args.num_teachers, dataset=args.dataset,
                               method=f"synthgen-ensemble K={args.num_teachers}", note="stacked training of all K teachers, 1 thread, run "
                               "with 'synthgen train-teachers' and timed by /usr/bin/time"))
     accuracy = json.loads((out / "synthgen_ensemble.json").read_text())["teacher_meta"]["training"]["test_accuracy"]
     for aggregate, value in (("mean teacher", accuracy["mean_teacher"]), ("plurality vote", accuracy["vote"])):
-        records.append(record("ensemble", "teacher_accuracy", round(value, 2), K=args.num_teachers,
+        records.append(record("ensemble", "teacher_accuracy", round(value, 2), K=args.num_teachers, dataset=args.dataset,
                               method=f"synthgen-ensemble K={args.num_teachers} ({aggregate})", aggregate=aggregate,
                               note="non-private: evaluation of the private teachers on the real test set"))
 
@@ -109,6 +109,8 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
         student_steps=args.student_steps, top_k=args.top_k, replay_size=args.steps * args.batch_size,
         replay_batch=args.replay_batch, eval_every=args.eval_every, seed=seed, threads=args.threads,
         student_lr=args.student_lr, adversarial_weight=args.adversarial_weight, device="cpu",
+        query_pool=args.query_pool, student_shift=args.student_shift, pseudo_label_weight=args.pseudo_label_weight,
+        pseudo_label_threshold=args.pseudo_label_threshold,
         ledger=str(Path(args.out) / "ledger.duckdb"),
     )
     return transcribe(config).report
@@ -122,11 +124,12 @@ def stage_utility(args, data: str, records: list) -> None:
         accuracies = [report["evaluation"]["student_accuracy"] for report in reports]
         report = reports[0]
         settings = {name: report["public_facts"]["hyperparameters"][name] for name in (
-            "steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr", "adversarial_weight")}
+            "steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr", "adversarial_weight",
+            "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold")}
         spread = round(statistics.stdev(accuracies), 2) if len(accuracies) > 1 else None
-        common = dict(dataset="mnist", unit=report["unit"], mechanism=report["mechanism"]["name"],
+        common = dict(dataset=args.dataset, unit=report["unit"], mechanism=report["mechanism"]["name"],
                       epsilon=epsilon, delta=DELTA, K=args.num_teachers, seeds=len(accuracies),
-                      seed_values=list(args.seeds), method=f"synthgen-ensemble K={args.num_teachers}", settings=settings,
+                      seed_values=list(args.seeds), variant=args.tag, method=f"synthgen-ensemble K={args.num_teachers}", settings=settings,
                       noise_std=report["mechanism"].get("noise_std"), epsilon_spent=report["epsilon"])
         records.append(record("ensemble", "student_accuracy", round(statistics.mean(accuracies), 2), spread=spread,
                               per_seed=accuracies, note=args.note, **common))
@@ -157,6 +160,11 @@ def main() -> int:
     parser.add_argument("--replay-batch", type=int, default=256)
     parser.add_argument("--adversarial-weight", type=float, default=1.0)
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--query-pool", type=int, default=1, help="candidates per query chosen by the student (1: none)")
+    parser.add_argument("--student-shift", type=int, default=0, help="largest shift of student inputs, in pixels")
+    parser.add_argument("--pseudo-label-weight", type=float, default=0.0)
+    parser.add_argument("--pseudo-label-threshold", type=float, default=0.95)
+    parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the utility stage (public: the "
                         "generator, the student and the latent draws)")
@@ -175,7 +183,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from synthgen.data import locate_dataset
 
-    data = str(locate_dataset("mnist"))
+    data = str(locate_dataset(args.dataset))
     records: list = []
     stages = args.stages.split(",")
     if "train" in stages:
@@ -187,7 +195,7 @@ def main() -> int:
     print(json.dumps([{k: r[k] for k in ("metric", "value", "epsilon", "unit") if k in r} for r in records], indent=1))
     if not args.no_record:
         path = write_records("ensemble", records, replace_keys=("metric", "unit", "mechanism", "epsilon", "method",
-                                                                "dataset", "K", "aggregate", "batch"))
+                                                                "dataset", "K", "aggregate", "batch", "variant"))
         logger.info("records written to %s", path)
     return 0
 

@@ -52,6 +52,16 @@ class TranscribeConfig:
     temperature: float = option(1.0, "softmax temperature applied to teacher logits before answering")
     replay_size: int = option(50000, "answered images kept for re-use by the student (free post-processing); 0 disables")
     replay_batch: int = option(256, "images drawn from the replay buffer per student update")
+    query_pool: int = option(1, "candidates per query: each iteration generates query-pool x batch-size images and "
+                             "sends batch-size of them, those the student is least sure of (smallest margin between "
+                             "its two top classes), taken in turn from each class the student predicts. 1: no "
+                             "selection. The choice uses the student and the generator only, so it costs no privacy")
+    student_shift: int = option(0, "largest random shift, in pixels along each axis, of the images in a student "
+                                "update (borders reflected); 0: none. Free post-processing of the answers")
+    pseudo_label_weight: float = option(0.0, "weight of the student's loss on its own confident predictions for all "
+                                        "images generated in the iteration (query-pool x batch-size, never sent to the "
+                                        "teacher), learnt on shifted copies; 0: off")
+    pseudo_label_threshold: float = option(0.95, "smallest student probability of a pseudo-label that is kept")
     latent_dim: int = option(100, "generator input size (z ~ N(0, I))")
     generator_width: int = option(32, "generator channel width")
     student_width: int = option(32, "student channel width")

@@ -106,19 +106,22 @@ class _ScatterHead(nn.Module):
         return self.fc2(self._embed_features(self.norm(scattered).flatten(1)))
 
 
-def augmented_copies(images: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
+def augmented_copies(images: torch.Tensor, copies: int, generator: torch.Generator | None,
+                     max_shift: int = AUGMENT_SHIFT) -> torch.Tensor:
     """Return `copies` randomly shifted versions of each image, grouped by example: (N * copies, C, H, W).
 
-    Each copy is the image translated by up to AUGMENT_SHIFT pixels along each axis, with the
-    border reflected in. Rows n * copies .. (n + 1) * copies - 1 come from image n.
+    Each copy is the image translated by up to `max_shift` pixels along each axis, with the
+    border reflected in. Rows n * copies .. (n + 1) * copies - 1 come from image n. The shifts are
+    drawn on the CPU from `generator` (torch's default generator when None), so they do not
+    depend on the device of `images`.
     """
     count, _, height, width = images.shape
     repeated = images.repeat_interleave(copies, dim=0)
-    padded = F.pad(repeated, (AUGMENT_SHIFT,) * 4, mode="reflect")
-    shifts = torch.randint(0, 2 * AUGMENT_SHIFT + 1, (2, count * copies), generator=generator)
-    rows = shifts[0, :, None] + torch.arange(height)  # (N * copies, H)
-    cols = shifts[1, :, None] + torch.arange(width)  # (N * copies, W)
-    index = torch.arange(count * copies)[:, None, None]
+    padded = F.pad(repeated, (max_shift,) * 4, mode="reflect")
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, count * copies), generator=generator).to(images.device)
+    rows = shifts[0, :, None] + torch.arange(height, device=images.device)  # (N * copies, H)
+    cols = shifts[1, :, None] + torch.arange(width, device=images.device)  # (N * copies, W)
+    index = torch.arange(count * copies, device=images.device)[:, None, None]
     # Advanced indexing around the channel slice puts the channels last: (N * copies, H, W, C).
     return padded[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, sweep_stale_temporaries
 from .config import TranscribeConfig
 from .data import ImageData, load_image_data
+from .dp_training import augmented_copies
 from .privacy.accounting import (
     PrivacyEvent, accountant_versions, calibrate_gaussian, calibrate_randomized_response, pld_epsilon,
     rdp_epsilon, validate_delta, validate_epsilon,
@@ -108,6 +109,16 @@ def _check_settings(config: TranscribeConfig) -> None:
         least = 0 if name == "student_hidden" and config.student_frontend == "scatter" else 1
         if not isinstance(value, int) or value < least:
             raise TranscriptionError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not isinstance(config.query_pool, int) or config.query_pool < 1:
+        raise TranscriptionError(f"query_pool must be an integer >= 1 (1: no selection), got {config.query_pool!r}")
+    if not isinstance(config.student_shift, int) or not 0 <= config.student_shift <= 8:
+        raise TranscriptionError(f"student_shift must be an integer from 0 to 8 pixels, got {config.student_shift!r}")
+    weight = config.pseudo_label_weight
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise TranscriptionError(f"pseudo_label_weight must be a finite number >= 0 (0: off), got {weight!r}")
+    threshold = config.pseudo_label_threshold
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise TranscriptionError(f"pseudo_label_threshold must be in (0, 1], got {threshold!r}")
     for name in ("generator_steps", "replay_size", "replay_batch", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
@@ -598,14 +609,23 @@ class _Run:
         config = self.config
         self.generator.train()
         self.student.train()
-        z = self.generator.sample_latents(self.local_batch)
-        # One generator forward serves both the query and the first generator update.
+        pool = config.query_pool
+        z = self.generator.sample_latents(self.local_batch * pool)
+        # One generator forward serves the query, the candidates around it and the first generator update.
         generated = self.generator(z) if config.generator_steps else None
         with torch.no_grad():
             source = generated.detach() if generated is not None else self.generator(z)
-            pixels = (source * 255).round().to(torch.uint8)  # (B, C, H, W): the 8-bit images that are queried
-            images = pixels.float() / 255
-            student_probs = F.softmax(self.student(images), dim=1)
+            pixels = (source * 255).round().to(torch.uint8)  # (B * pool, C, H, W): the 8-bit images
+            candidates = pixels.float() / 255
+            candidate_probs = F.softmax(self.student(candidates), dim=1)
+        if pool > 1:
+            # Only the student and the generator decide which candidates are sent, so the choice is
+            # post-processing; the teacher sees the chosen images only.
+            chosen = select_queries(candidate_probs, self.local_batch)
+            z, pixels, images, student_probs = z[chosen], pixels[chosen], candidates[chosen], candidate_probs[chosen]
+            generated = generated[chosen] if generated is not None else None
+        else:
+            images, student_probs = candidates, candidate_probs
         answer = self._answer(images, student_probs)
         self.buffer.add(pixels, answer.targets)
 
@@ -616,8 +636,10 @@ class _Run:
             if replayed is not None:
                 batch_images = torch.cat([images, replayed[0]])
                 batch_targets = torch.cat([answer.targets, replayed[1]])
-            log_probs = F.log_softmax(self.student(batch_images), dim=1)
+            log_probs = F.log_softmax(self.student(self._shifted(batch_images)), dim=1)
             loss = -(batch_targets * log_probs).sum(dim=1).mean()
+            if config.pseudo_label_weight:
+                loss = loss + config.pseudo_label_weight * self._pseudo_label_loss(candidates)
             self.student_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.dist.average_gradients(self.student)
@@ -626,11 +648,28 @@ class _Run:
 
         generator_loss = 0.0
         for repeat in range(config.generator_steps):
-            generated = generated if repeat == 0 else self.generator(z)
+            if repeat:
+                generated = self.generator(z)
             generator_loss = self._generator_update(generated, answer.targets)
         self.dist.broadcast_buffers(self.generator)
         student_loss, generator_loss = self.dist.mean([student_loss, generator_loss])
         return {"student_loss": student_loss, "generator_loss": generator_loss}
+
+    def _shifted(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.config.student_shift:
+            return images
+        return augmented_copies(images, 1, None, max_shift=self.config.student_shift)
+
+    def _pseudo_label_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the student on shifted `images` against its own confident predictions on them.
+
+        The images were never sent to the teacher, so this term learns nothing private.
+        """
+        with torch.no_grad():
+            confidence, labels = F.softmax(self.student(images), dim=1).max(dim=1)
+            kept = (confidence >= self.config.pseudo_label_threshold).float()
+        losses = F.cross_entropy(self.student(self._shifted(images)), labels, reduction="none")
+        return (losses * kept).sum() / images.shape[0]
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
@@ -687,6 +726,28 @@ def _to_cpu(value):
     if isinstance(value, dict):
         return {key: _to_cpu(item) for key, item in value.items()}
     return value
+
+
+def select_queries(probs: torch.Tensor, count: int) -> torch.Tensor:
+    """Return the indices of `count` rows of `probs` (N, classes) to send to the teacher.
+
+    The candidates are grouped by the class the student predicts and, within a class, ordered by
+    the margin between the student's two largest probabilities, smallest first. The classes are
+    then taken in turn, so the chosen images are as balanced over predicted classes as the pool
+    allows and, within that, the ones the student is least sure of.
+    """
+    top2 = probs.topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]  # in [0, 1]
+    predicted = probs.argmax(dim=1)
+    order = torch.argsort(margin, stable=True)
+    order = order[torch.argsort(predicted[order], stable=True)]  # grouped by class, smallest margin first
+    grouped = predicted[order]
+    sizes = torch.bincount(grouped, minlength=probs.shape[1])
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(len(order), device=probs.device) - starts[grouped]  # position within its class
+    # Round r of the turns takes the r-th candidate of every class; within a round, smaller margins first.
+    key = rank.double() + margin[order].double() * 0.5
+    return order[torch.argsort(key, stable=True)[:count]]
 
 
 class _DirectLabeller:

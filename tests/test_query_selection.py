@@ -1,0 +1,85 @@
+"""Query selection, shifted student inputs and pseudo-labels: free for privacy, and reproducible."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synthgen.transcribe import TranscriptionError, select_queries, transcribe
+
+from .conftest import small_config
+from .forward_counter import ForwardCounter, install
+from .test_invariants import ledger_queries
+
+EXTRAS = dict(query_pool=3, student_shift=2, pseudo_label_weight=1.0, pseudo_label_threshold=0.5)
+
+
+def probs_with_margins(rows: list[tuple[int, float]], classes: int = 3) -> torch.Tensor:
+    """Rows whose argmax is the given class and whose top-two margin is the given value."""
+    probs = torch.zeros(len(rows), classes)
+    for index, (label, margin) in enumerate(rows):
+        second = (label + 1) % classes
+        probs[index, label] = (1 + margin) / 2
+        probs[index, second] = (1 - margin) / 2
+    return probs
+
+
+def test_selection_takes_classes_in_turn_smallest_margin_first():
+    probs = probs_with_margins([(0, 0.14), (0, 0.1), (2, 0.6), (0, 0.12), (1, 0.5)])
+    # By margin alone the three class-0 images would come first. In turns, the first round takes
+    # the least sure image of each predicted class, smallest margin first, then class 0 again.
+    assert select_queries(probs, 3).tolist() == [1, 4, 2]
+    assert select_queries(probs, 5).tolist() == [1, 4, 2, 3, 0]
+
+
+def test_selection_is_balanced_when_one_class_dominates():
+    probs = probs_with_margins([(0, 0.01 * i) for i in range(20)] + [(1, 0.8), (2, 0.9)])
+    chosen = select_queries(probs, 6).tolist()
+    assert chosen[:3] == [0, 20, 21]
+    assert chosen[3:] == [1, 2, 3]
+
+
+def test_teacher_sees_only_the_chosen_images(small_teacher, mnist_small, tmp_path, monkeypatch):
+    counter = ForwardCounter()
+    install(counter, monkeypatch.setattr)
+    result = transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, **EXTRAS))
+    # 3 x 16 candidates are generated per iteration, 16 are sent; the pseudo-labels cost no query.
+    assert counter.examples == 6 * 16
+    assert ledger_queries(Path(os.environ["SYNTHGEN_LEDGER"])) == counter.examples
+    assert result.report["queries"] == counter.examples
+    hyperparameters = result.report["public_facts"]["hyperparameters"]
+    assert {name: hyperparameters[name] for name in EXTRAS} == EXTRAS
+
+
+def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_small, tmp_path):
+    whole = transcribe(small_config(small_teacher, tmp_path / "whole", mnist_small, steps=7, **EXTRAS))
+    transcribe(small_config(small_teacher, tmp_path / "split", mnist_small, steps=7, stop_after=5, **EXTRAS))
+    resumed = transcribe(small_config(small_teacher, tmp_path / "split", mnist_small, steps=7, resume=True, **EXTRAS))
+    for part in ("student", "generator"):
+        a = load_file(str(next((tmp_path / "whole" / part).glob("*.safetensors"))))
+        b = load_file(str(next((tmp_path / "split" / part).glob("*.safetensors"))))
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{part}.{name}"
+    assert whole.report["epsilon"] == resumed.report["epsilon"]
+
+
+def test_pseudo_labels_change_the_student(small_teacher, mnist_small, tmp_path):
+    plain = dict(EXTRAS, pseudo_label_weight=0.0)
+    transcribe(small_config(small_teacher, tmp_path / "plain", mnist_small, steps=3, **plain))
+    transcribe(small_config(small_teacher, tmp_path / "pseudo", mnist_small, steps=3, **EXTRAS))
+    a = load_file(str(next((tmp_path / "plain" / "student").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "pseudo" / "student").glob("*.safetensors"))))
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("query_pool", 0), ("student_shift", -1), ("student_shift", 9), ("pseudo_label_weight", -0.5),
+    ("pseudo_label_weight", float("nan")), ("pseudo_label_threshold", 0.0), ("pseudo_label_threshold", 1.5),
+])
+def test_bad_settings_are_rejected_before_anything_is_written(small_teacher, mnist_small, tmp_path, field, value):
+    with pytest.raises(TranscriptionError, match=field):
+        transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, **{field: value}))
+    assert not (tmp_path / "run").exists()
+    assert not Path(os.environ["SYNTHGEN_LEDGER"]).exists()
