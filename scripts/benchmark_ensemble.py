@@ -110,7 +110,7 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
         replay_batch=args.replay_batch, eval_every=args.eval_every, seed=seed, threads=args.threads,
         student_lr=args.student_lr, adversarial_weight=args.adversarial_weight, device="cpu",
         query_pool=args.query_pool, student_shift=args.student_shift, pseudo_label_weight=args.pseudo_label_weight,
-        pseudo_label_threshold=args.pseudo_label_threshold,
+        pseudo_label_threshold=args.pseudo_label_threshold, procedural_fraction=args.procedural_fraction,
         ledger=str(Path(args.out) / "ledger.duckdb"),
     )
     return transcribe(config).report
@@ -125,7 +125,7 @@ def stage_utility(args, data: str, records: list) -> None:
         report = reports[0]
         settings = {name: report["public_facts"]["hyperparameters"][name] for name in (
             "steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr", "adversarial_weight",
-            "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold")}
+            "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction")}
         spread = round(statistics.stdev(accuracies), 2) if len(accuracies) > 1 else None
         common = dict(dataset=args.dataset, unit=report["unit"], mechanism=report["mechanism"]["name"],
                       epsilon=epsilon, delta=DELTA, K=args.num_teachers, seeds=len(accuracies),
@@ -164,6 +164,7 @@ def main() -> int:
     parser.add_argument("--student-shift", type=int, default=0, help="largest shift of student inputs, in pixels")
     parser.add_argument("--pseudo-label-weight", type=float, default=0.0)
     parser.add_argument("--pseudo-label-threshold", type=float, default=0.95)
+    parser.add_argument("--procedural-fraction", type=float, default=0.0, help="part of each batch drawn as strokes")
     parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of the utility stage (public: the "

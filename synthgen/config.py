@@ -62,6 +62,9 @@ class TranscribeConfig:
                                         "images generated in the iteration (query-pool x batch-size, never sent to the "
                                         "teacher), learnt on shifted copies; 0: off")
     pseudo_label_threshold: float = option(0.95, "smallest student probability of a pseudo-label that is kept")
+    procedural_fraction: float = option(0.0, "fraction of each query batch rendered as random pen strokes (1 to 3 "
+                                        "curves) in place of generator images; made without any data, they are "
+                                        "queries like the others. 0: off")
     latent_dim: int = option(100, "generator input size (z ~ N(0, I))")
     generator_width: int = option(32, "generator channel width")
     student_width: int = option(32, "student channel width")

@@ -119,6 +119,10 @@ def _check_settings(config: TranscribeConfig) -> None:
     threshold = config.pseudo_label_threshold
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise TranscriptionError(f"pseudo_label_threshold must be in (0, 1], got {threshold!r}")
+    fraction = config.procedural_fraction
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise TranscriptionError(f"procedural_fraction must be in [0, 1) (the generator keeps part of each batch), "
+                                 f"got {fraction!r}")
     for name in ("generator_steps", "replay_size", "replay_batch", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
@@ -610,7 +614,9 @@ class _Run:
         self.generator.train()
         self.student.train()
         pool = config.query_pool
-        z = self.generator.sample_latents(self.local_batch * pool)
+        strokes = min(round(config.procedural_fraction * self.local_batch), self.local_batch - 1)
+        drawn = self.local_batch - strokes  # images from the generator
+        z = self.generator.sample_latents(drawn * pool)
         # One generator forward serves the query, the candidates around it and the first generator update.
         generated = self.generator(z) if config.generator_steps else None
         with torch.no_grad():
@@ -620,12 +626,21 @@ class _Run:
             candidate_probs = F.softmax(self.student(candidates), dim=1)
         if pool > 1:
             # Only the student and the generator decide which candidates are sent, so the choice is
-            # post-processing; the teacher sees the chosen images only.
-            chosen = select_queries(candidate_probs, self.local_batch)
+            # post-processing. The teacher receives only the chosen images.
+            chosen = select_queries(candidate_probs, drawn)
             z, pixels, images, student_probs = z[chosen], pixels[chosen], candidates[chosen], candidate_probs[chosen]
             generated = generated[chosen] if generated is not None else None
         else:
             images, student_probs = candidates, candidate_probs
+        if strokes:
+            # Rendered after the generator's images, so that rows :drawn of the answer are theirs.
+            stroke_pixels = (render_strokes(strokes, tuple(pixels.shape[1:])) * 255).round().to(torch.uint8)
+            stroke_images = stroke_pixels.float().to(self.device) / 255
+            with torch.no_grad():
+                stroke_probs = F.softmax(self.student(stroke_images), dim=1)
+            pixels = torch.cat([pixels, stroke_pixels.to(self.device)])
+            images = torch.cat([images, stroke_images])
+            student_probs = torch.cat([student_probs, stroke_probs])
         answer = self._answer(images, student_probs)
         self.buffer.add(pixels, answer.targets)
 
@@ -650,7 +665,7 @@ class _Run:
         for repeat in range(config.generator_steps):
             if repeat:
                 generated = self.generator(z)
-            generator_loss = self._generator_update(generated, answer.targets)
+            generator_loss = self._generator_update(generated, answer.targets[:drawn])
         self.dist.broadcast_buffers(self.generator)
         student_loss, generator_loss = self.dist.mean([student_loss, generator_loss])
         return {"student_loss": student_loss, "generator_loss": generator_loss}
@@ -667,9 +682,9 @@ class _Run:
         """
         with torch.no_grad():
             confidence, labels = F.softmax(self.student(images), dim=1).max(dim=1)
-            kept = (confidence >= self.config.pseudo_label_threshold).float()
+            confident = (confidence >= self.config.pseudo_label_threshold).float()
         losses = F.cross_entropy(self.student(self._shifted(images)), labels, reduction="none")
-        return (losses * kept).sum() / images.shape[0]
+        return (losses * confident).sum() / images.shape[0]
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
@@ -726,6 +741,31 @@ def _to_cpu(value):
     if isinstance(value, dict):
         return {key: _to_cpu(item) for key, item in value.items()}
     return value
+
+
+def render_strokes(count: int, shape: tuple[int, int, int], points: int = 24) -> torch.Tensor:
+    """Render `count` images (count, C, H, W) in [0, 1] of 1 to 3 random pen strokes, without any data.
+
+    Each stroke is a quadratic Bezier curve whose control points lie in the central 70% of the
+    image, drawn with a Gaussian pen 0.8 to 1.6 pixels wide (at 28 x 28) as the maximum over the
+    strokes. The draws come from torch's default generator, which the checkpoint saves.
+    """
+    channels, height, width = shape
+    scale = min(height, width) / 28
+    controls = 0.15 + 0.7 * torch.rand(count, 3, 3, 2)  # (image, stroke, control point, yx) as fractions
+    used = torch.arange(3) < torch.randint(1, 4, (count, 1))  # (image, stroke): 1 to 3 strokes
+    pen = (0.8 + 0.8 * torch.rand(count, 1, 1)) * scale
+    t = torch.linspace(0, 1, points).view(1, 1, points, 1)
+    curve = ((1 - t) ** 2 * controls[:, :, None, 0] + 2 * t * (1 - t) * controls[:, :, None, 1]
+             + t**2 * controls[:, :, None, 2])  # (image, stroke, point, yx)
+    curve = curve * torch.tensor([height - 1, width - 1], dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(torch.arange(height, dtype=torch.float32),
+                                      torch.arange(width, dtype=torch.float32), indexing="ij"), dim=-1).view(-1, 2)
+    # Unused strokes are moved far outside the image, so they draw nothing.
+    curve = torch.where(used[:, :, None, None], curve, torch.full_like(curve, -1e4)).flatten(1, 2)
+    distance = torch.cdist(grid.expand(count, -1, -1), curve).min(dim=2).values  # (image, H * W)
+    ink = torch.exp(-0.5 * (distance / pen.view(count, 1)) ** 2)
+    return ink.view(count, 1, height, width).expand(count, channels, height, width).contiguous()
 
 
 def select_queries(probs: torch.Tensor, count: int) -> torch.Tensor:

@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthgen.transcribe import TranscriptionError, select_queries, transcribe
+from synthgen.transcribe import TranscriptionError, render_strokes, select_queries, transcribe
 
 from .conftest import small_config
 from .forward_counter import ForwardCounter, install
 from .test_invariants import ledger_queries
 
-EXTRAS = dict(query_pool=3, student_shift=2, pseudo_label_weight=1.0, pseudo_label_threshold=0.5)
+EXTRAS = dict(query_pool=3, student_shift=2, pseudo_label_weight=1.0, pseudo_label_threshold=0.5,
+              procedural_fraction=0.25)
 
 
 def probs_with_margins(rows: list[tuple[int, float]], classes: int = 3) -> torch.Tensor:
@@ -45,7 +46,8 @@ def test_teacher_sees_only_the_chosen_images(small_teacher, mnist_small, tmp_pat
     counter = ForwardCounter()
     install(counter, monkeypatch.setattr)
     result = transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, **EXTRAS))
-    # 3 x 16 candidates are generated per iteration, 16 are sent; the pseudo-labels cost no query.
+    # 3 x 12 candidates are generated per iteration and 12 are sent with 4 stroke images. The
+    # pseudo-labels cost no query.
     assert counter.examples == 6 * 16
     assert ledger_queries(Path(os.environ["SYNTHGEN_LEDGER"])) == counter.examples
     assert result.report["queries"] == counter.examples
@@ -74,7 +76,24 @@ def test_pseudo_labels_change_the_student(small_teacher, mnist_small, tmp_path):
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
+def test_strokes_are_drawn_inside_the_image():
+    torch.manual_seed(0)
+    images = render_strokes(64, (1, 28, 28))
+    assert images.shape == (64, 1, 28, 28)
+    assert images.min() >= 0
+    assert images.max() <= 1
+    ink = images.flatten(1)
+    assert (ink.max(dim=1).values > 0.9).all()  # every image has a stroke
+    assert (ink.mean(dim=1) < 0.4).all()  # and most of it stays background
+    border = torch.cat([images[..., :2, :].flatten(1), images[..., -2:, :].flatten(1)], dim=1)
+    assert border.max() < 0.5  # control points stay in the central 70%
+    torch.manual_seed(0)
+    assert torch.equal(render_strokes(64, (1, 28, 28)), images)
+    assert render_strokes(2, (3, 32, 32)).shape == (2, 3, 32, 32)
+
+
 @pytest.mark.parametrize("field, value", [
+    ("procedural_fraction", 1.0), ("procedural_fraction", -0.1),
     ("query_pool", 0), ("student_shift", -1), ("student_shift", 9), ("pseudo_label_weight", -0.5),
     ("pseudo_label_weight", float("nan")), ("pseudo_label_threshold", 0.0), ("pseudo_label_threshold", 1.5),
 ])
