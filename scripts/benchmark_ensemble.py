@@ -116,6 +116,20 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
     return transcribe(config).report
 
 
+def utility_method(args) -> str:
+    """Name the transcription settings that change what is learnt, so that each setting is its own row."""
+    parts = [f"synthgen-ensemble K={args.num_teachers}"]
+    if args.procedural_fraction:
+        parts.append(f"strokes {args.procedural_fraction:.0%}")
+    if args.query_pool > 1:
+        parts.append(f"pool {args.query_pool}")
+    if args.student_shift:
+        parts.append(f"shift {args.student_shift}")
+    if args.pseudo_label_weight:
+        parts.append("pseudo-labels")
+    return ", ".join(parts)
+
+
 def stage_utility(args, data: str, records: list) -> None:
     import statistics
 
@@ -129,7 +143,7 @@ def stage_utility(args, data: str, records: list) -> None:
         spread = round(statistics.stdev(accuracies), 2) if len(accuracies) > 1 else None
         common = dict(dataset=args.dataset, unit=report["unit"], mechanism=report["mechanism"]["name"],
                       epsilon=epsilon, delta=DELTA, K=args.num_teachers, seeds=len(accuracies),
-                      seed_values=list(args.seeds), variant=args.tag, method=f"synthgen-ensemble K={args.num_teachers}", settings=settings,
+                      seed_values=list(args.seeds), variant=args.tag, method=utility_method(args), settings=settings,
                       noise_std=report["mechanism"].get("noise_std"), epsilon_spent=report["epsilon"])
         records.append(record("ensemble", "student_accuracy", round(statistics.mean(accuracies), 2), spread=spread,
                               per_seed=accuracies, note=args.note, **common))

@@ -55,6 +55,22 @@ def test_teacher_sees_only_the_chosen_images(small_teacher, mnist_small, tmp_pat
     assert {name: hyperparameters[name] for name in EXTRAS} == EXTRAS
 
 
+def test_generator_learns_from_its_own_rows_only(small_teacher, mnist_small, tmp_path, monkeypatch):
+    from synthgen import transcribe as engine
+
+    shapes = []
+    original = engine._Run._generator_update
+
+    def record_shapes(run, images, targets):
+        shapes.append((images.shape[0], targets.shape[0]))
+        return original(run, images, targets)
+
+    monkeypatch.setattr(engine._Run, "_generator_update", record_shapes)
+    transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=2, **EXTRAS))
+    # 16 images per batch: 4 strokes and 12 generator images, chosen from 36 candidates.
+    assert shapes == [(12, 12), (12, 12)]
+
+
 def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_small, tmp_path):
     whole = transcribe(small_config(small_teacher, tmp_path / "whole", mnist_small, steps=7, **EXTRAS))
     transcribe(small_config(small_teacher, tmp_path / "split", mnist_small, steps=7, stop_after=5, **EXTRAS))
