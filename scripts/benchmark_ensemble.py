@@ -116,6 +116,10 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
     return transcribe(config).report
 
 
+OPTION_DEFAULTS = {"query_pool": 1, "student_shift": 0, "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95,
+                   "procedural_fraction": 0.0}
+
+
 def utility_method(args) -> str:
     """Name the transcription settings that change what is learnt, so that each setting is its own row."""
     parts = [f"synthgen-ensemble K={args.num_teachers}"]
@@ -137,9 +141,11 @@ def stage_utility(args, data: str, records: list) -> None:
         reports = [transcribe_once(args, data, epsilon, seed) for seed in args.seeds]
         accuracies = [report["evaluation"]["student_accuracy"] for report in reports]
         report = reports[0]
-        settings = {name: report["public_facts"]["hyperparameters"][name] for name in (
+        # Reports written before an option existed ran with its default.
+        hyperparameters = {**OPTION_DEFAULTS, **report["public_facts"]["hyperparameters"]}
+        settings = {name: hyperparameters[name] for name in (
             "steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr", "adversarial_weight",
-            "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction")}
+            *OPTION_DEFAULTS)}
         spread = round(statistics.stdev(accuracies), 2) if len(accuracies) > 1 else None
         common = dict(dataset=args.dataset, unit=report["unit"], mechanism=report["mechanism"]["name"],
                       epsilon=epsilon, delta=DELTA, K=args.num_teachers, seeds=len(accuracies),
@@ -147,8 +153,11 @@ def stage_utility(args, data: str, records: list) -> None:
                       noise_std=report["mechanism"].get("noise_std"), epsilon_spent=report["epsilon"])
         records.append(record("ensemble", "student_accuracy", round(statistics.mean(accuracies), 2), spread=spread,
                               per_seed=accuracies, note=args.note, **common))
-        records.append(record("ensemble", "transcribe_seconds", round(statistics.mean(r["wall_seconds"] for r in reports), 1),
-                              **common))
+        # A resumed run's wall time covers only the part after the interruption.
+        timed = [r for r in reports if not r.get("replayed_examples")]
+        if timed:
+            records.append(record("ensemble", "transcribe_seconds", round(statistics.mean(r["wall_seconds"] for r in timed), 1),
+                                  **{**common, "seeds": len(timed)}))
         logger.info("eps %g: student accuracy %s%% over seeds %s (example-level, epsilon spent %.4g)", epsilon,
                     accuracies, args.seeds, report["epsilon"])
 
