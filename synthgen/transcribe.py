@@ -193,6 +193,11 @@ def _prepare(config: TranscribeConfig) -> _Setup:
             eval_data = eval_data.subset(config.eval_limit, seed=0)
     if config.top_k > meta.num_classes:
         raise TranscriptionError(f"top_k must be <= the number of classes ({meta.num_classes}), got {config.top_k}")
+    smallest_side = min(meta.input_shape[1:])
+    if config.student_shift >= smallest_side:
+        # Reflected padding needs a border narrower than the image.
+        raise TranscriptionError(f"student_shift must be < the image side ({smallest_side} pixels), "
+                                 f"got {config.student_shift}")
 
     planned_queries = config.steps * config.batch_size
     mode = config.mechanism if config.mechanism in ("gaussian", "noisy-label") else "none"
