@@ -101,8 +101,6 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
     from synthgen.transcribe import transcribe
 
     run_dir = Path(args.out) / f"run-k{args.num_teachers}-eps{epsilon:g}-{args.tag}-seed{seed}"
-    if (run_dir / "privacy_report.json").is_file():
-        return json.loads((run_dir / "privacy_report.json").read_text())
     config = TranscribeConfig(
         teacher=str(ensemble_dir(args)), out=str(run_dir), eval_data=data, mechanism=args.mechanism,
         epsilon=epsilon, delta=DELTA, steps=args.steps, batch_size=args.batch_size,
@@ -113,6 +111,16 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
         pseudo_label_threshold=args.pseudo_label_threshold, procedural_fraction=args.procedural_fraction,
         ledger=str(Path(args.out) / "ledger.duckdb"),
     )
+    report_path = run_dir / "privacy_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        # A finished run is reused only if it ran with these settings, so its record is named right.
+        ran = {**OPTION_DEFAULTS, **report["public_facts"]["hyperparameters"]}
+        differ = [name for name in ("steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr",
+                                    "adversarial_weight", *OPTION_DEFAULTS) if ran[name] != getattr(config, name)]
+        if differ:
+            raise SystemExit(f"{run_dir} ran with other values of {', '.join(differ)}; use another --tag or --out")
+        return report
     return transcribe(config).report
 
 

@@ -52,15 +52,15 @@ class TranscribeConfig:
     temperature: float = option(1.0, "softmax temperature applied to teacher logits before answering")
     replay_size: int = option(50000, "answered images kept for re-use by the student (free post-processing); 0 disables")
     replay_batch: int = option(256, "images drawn from the replay buffer per student update")
-    query_pool: int = option(1, "candidates per query: each iteration generates query-pool x batch-size images and "
-                             "sends batch-size of them, those the student is least sure of (smallest margin between "
+    query_pool: int = option(1, "candidates per query: each iteration generates query-pool times the generator's "
+                             "part of the batch and sends that part, the images the student is least sure of (smallest margin between "
                              "its two top classes), taken in turn from each class the student predicts. 1: no "
                              "selection. The choice uses the student and the generator only, so it costs no privacy")
     student_shift: int = option(0, "largest random shift, in pixels along each axis, of the images in a student "
                                 "update (borders reflected); 0: none. Free post-processing of the answers")
     pseudo_label_weight: float = option(0.0, "weight of the student's loss on its own confident predictions for all "
-                                        "images generated in the iteration (query-pool x batch-size, never sent to the "
-                                        "teacher), learnt on shifted copies; 0: off")
+                                        "images the generator made in the iteration, sent or not, learnt on shifted "
+                                        "copies; the labels come from the student, so this costs no privacy. 0: off")
     pseudo_label_threshold: float = option(0.95, "smallest student probability of a pseudo-label that is kept")
     procedural_fraction: float = option(0.0, "fraction of each query batch rendered as random pen strokes (1 to 3 "
                                         "curves) in place of generator images; made without any data, they are "

@@ -56,9 +56,11 @@ _FROZEN_SETTINGS = (
     "generator_lr", "top_k", "clip_norm", "temperature", "replay_size", "replay_batch", "latent_dim",
     "generator_width", "student_width", "student_hidden", "student_norm", "onehot_weight", "entropy_weight",
     "activation_weight", "adversarial_weight", "seed", "noise_seed", "student_frontend", "student_init",
+    "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction",
 )
 # Values of settings added after the first release, for run files written without them.
-_SETTING_DEFAULTS = {"student_frontend": "pixels", "student_init": "random"}
+_SETTING_DEFAULTS = {"student_frontend": "pixels", "student_init": "random", "query_pool": 1, "student_shift": 0,
+                     "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95, "procedural_fraction": 0.0}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,10 +111,12 @@ def _check_settings(config: TranscribeConfig) -> None:
         least = 0 if name == "student_hidden" and config.student_frontend == "scatter" else 1
         if not isinstance(value, int) or value < least:
             raise TranscriptionError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not isinstance(config.query_pool, int) or config.query_pool < 1:
-        raise TranscriptionError(f"query_pool must be an integer >= 1 (1: no selection), got {config.query_pool!r}")
-    if not isinstance(config.student_shift, int) or not 0 <= config.student_shift <= 8:
-        raise TranscriptionError(f"student_shift must be an integer from 0 to 8 pixels, got {config.student_shift!r}")
+    pool = config.query_pool
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+        raise TranscriptionError(f"query_pool must be an integer >= 1 (1: no selection), got {pool!r}")
+    shift = config.student_shift
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        raise TranscriptionError(f"student_shift must be an integer >= 0 pixels (0: none), got {shift!r}")
     weight = config.pseudo_label_weight
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
         raise TranscriptionError(f"pseudo_label_weight must be a finite number >= 0 (0: off), got {weight!r}")
@@ -123,6 +127,11 @@ def _check_settings(config: TranscribeConfig) -> None:
     if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
         raise TranscriptionError(f"procedural_fraction must be in [0, 1) (the generator keeps part of each batch), "
                                  f"got {fraction!r}")
+    if fraction and isinstance(config.batch_size, int) and not 1 <= round(fraction * config.batch_size) < config.batch_size:
+        raise TranscriptionError(
+            f"procedural_fraction {fraction} of batch_size {config.batch_size} gives "
+            f"{round(fraction * config.batch_size)} stroke images; choose a fraction that leaves between 1 and "
+            f"{config.batch_size - 1} of them, or 0 for none")
     for name in ("generator_steps", "replay_size", "replay_batch", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
@@ -434,6 +443,10 @@ class _Run:
                                             distributed.rank_noise_secret(self.noise_secret, self.dist.rank))
         else:
             self.mechanism = _DirectLabeller(self.bank, setup.mechanism)
+        if config.procedural_fraction:
+            strokes = min(round(config.procedural_fraction * self.local_batch), self.local_batch - 1)
+            logger.info("each iteration sends %d stroke images and %d generator images per process", strokes,
+                        self.local_batch - strokes)
         self.queries = 0
         # Answers taken from the ledger after an interruption; the teacher saw those images in
         # the interrupted process, so forward passes here plus these equal the charged queries.
@@ -659,7 +672,8 @@ class _Run:
             log_probs = F.log_softmax(self.student(self._shifted(batch_images)), dim=1)
             loss = -(batch_targets * log_probs).sum(dim=1).mean()
             if config.pseudo_label_weight:
-                loss = loss + config.pseudo_label_weight * self._pseudo_label_loss(candidates)
+                unlabelled = pseudo_label_loss(self.student, candidates, config.pseudo_label_threshold, self._shifted)
+                loss = loss + config.pseudo_label_weight * unlabelled
             self.student_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.dist.average_gradients(self.student)
@@ -669,6 +683,8 @@ class _Run:
         generator_loss = 0.0
         for repeat in range(config.generator_steps):
             if repeat:
+                # With a query pool, the first update saw BatchNorm statistics of all candidates and
+                # the repeats see those of the chosen latents only.
                 generated = self.generator(z)
             generator_loss = self._generator_update(generated, answer.targets[:drawn])
         self.dist.broadcast_buffers(self.generator)
@@ -679,17 +695,6 @@ class _Run:
         if not self.config.student_shift:
             return images
         return augmented_copies(images, 1, None, max_shift=self.config.student_shift)
-
-    def _pseudo_label_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the student on shifted `images` against its own confident predictions on them.
-
-        The images were never sent to the teacher, so this term learns nothing private.
-        """
-        with torch.no_grad():
-            confidence, labels = F.softmax(self.student(images), dim=1).max(dim=1)
-            confident = (confidence >= self.config.pseudo_label_threshold).float()
-        losses = F.cross_entropy(self.student(self._shifted(images)), labels, reduction="none")
-        return (losses * confident).sum() / images.shape[0]
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
@@ -746,6 +751,19 @@ def _to_cpu(value):
     if isinstance(value, dict):
         return {key: _to_cpu(item) for key, item in value.items()}
     return value
+
+
+def pseudo_label_loss(student: torch.nn.Module, images: torch.Tensor, threshold: float, transform) -> torch.Tensor:
+    """Return the student's cross-entropy on `transform(images)` against its own confident predictions on `images`.
+
+    Predictions below `threshold` count as zero, and the mean is over all images. The labels come
+    from the student, not from the teacher, so this term costs no privacy.
+    """
+    with torch.no_grad():
+        confidence, labels = F.softmax(student(images), dim=1).max(dim=1)
+        confident = (confidence >= threshold).float()
+    losses = F.cross_entropy(student(transform(images)), labels, reduction="none")
+    return (losses * confident).sum() / images.shape[0]
 
 
 def render_strokes(count: int, shape: tuple[int, int, int], points: int = 24) -> torch.Tensor:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synthgen.transcribe import TranscriptionError, render_strokes, select_queries, transcribe
+from synthgen.models import Classifier
+from synthgen.transcribe import TranscriptionError, pseudo_label_loss, render_strokes, select_queries, transcribe
 
 from .conftest import small_config
 from .forward_counter import ForwardCounter, install
@@ -58,17 +59,20 @@ def test_teacher_sees_only_the_chosen_images(small_teacher, mnist_small, tmp_pat
 def test_generator_learns_from_its_own_rows_only(small_teacher, mnist_small, tmp_path, monkeypatch):
     from synthgen import transcribe as engine
 
-    shapes = []
+    calls = []
     original = engine._Run._generator_update
 
-    def record_shapes(run, images, targets):
-        shapes.append((images.shape[0], targets.shape[0]))
+    def record_rows(run, images, targets):
+        # The buffer contains this iteration's answers in the order they were sent.
+        sent = (images.detach() * 255).round().to(torch.uint8)
+        calls.append((images.shape[0], torch.equal(sent, run.buffer.images[:12]),
+                      torch.equal(targets, run.buffer.targets[:12])))
         return original(run, images, targets)
 
-    monkeypatch.setattr(engine._Run, "_generator_update", record_shapes)
-    transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=2, **EXTRAS))
-    # 16 images per batch: 4 strokes and 12 generator images, chosen from 36 candidates.
-    assert shapes == [(12, 12), (12, 12)]
+    monkeypatch.setattr(engine._Run, "_generator_update", record_rows)
+    transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=1, **EXTRAS))
+    # 16 images per batch: 12 generator images, chosen from 36 candidates, then 4 strokes.
+    assert calls == [(12, True, True)]
 
 
 def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_small, tmp_path):
@@ -81,6 +85,36 @@ def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_sma
         for name in a:
             assert torch.equal(a[name], b[name]), f"{part}.{name}"
     assert whole.report["epsilon"] == resumed.report["epsilon"]
+
+
+def test_resume_with_a_changed_option_is_rejected(small_teacher, mnist_small, tmp_path):
+    transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=4, stop_after=2, **EXTRAS))
+    changed = dict(EXTRAS, query_pool=1, procedural_fraction=0.5)
+    with pytest.raises(TranscriptionError, match="query_pool, procedural_fraction differ from the interrupted run"):
+        transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=4, resume=True, **changed))
+
+
+def test_pseudo_label_loss_uses_confident_predictions_only():
+    torch.manual_seed(0)
+    student = Classifier(image_size=28, width=4, hidden=8)
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        probs = torch.softmax(student(images), dim=1)
+    labels = probs.argmax(dim=1)
+    everything = pseudo_label_loss(student, images, 0.0, lambda x: x)
+    expected = torch.nn.functional.cross_entropy(student(images), labels)
+    assert torch.allclose(everything, expected)
+    everything.backward()
+    assert student.fc2.weight.grad.abs().sum() > 0
+    # Above every prediction's confidence, no image counts and nothing is learnt.
+    nothing = pseudo_label_loss(student, images, float(probs.max()) + 1e-6, lambda x: x)
+    assert nothing.item() == 0.0
+    # Only the images above the threshold count, and the mean is over all images.
+    threshold = float(probs.max(dim=1).values.median())
+    kept = probs.max(dim=1).values >= threshold
+    partial = pseudo_label_loss(student, images, threshold, lambda x: x)
+    losses = torch.nn.functional.cross_entropy(student(images), labels, reduction="none")
+    assert torch.allclose(partial, losses[kept].sum() / 6)
 
 
 def test_pseudo_labels_change_the_student(small_teacher, mnist_small, tmp_path):
@@ -101,7 +135,8 @@ def test_strokes_are_drawn_inside_the_image():
     ink = images.flatten(1)
     assert (ink.max(dim=1).values > 0.9).all()  # every image has a stroke
     assert (ink.mean(dim=1) < 0.4).all()  # and most of it stays background
-    border = torch.cat([images[..., :2, :].flatten(1), images[..., -2:, :].flatten(1)], dim=1)
+    border = torch.cat([images[..., :2, :].flatten(1), images[..., -2:, :].flatten(1),
+                        images[..., :, :2].flatten(1), images[..., :, -2:].flatten(1)], dim=1)
     assert border.max() < 0.5  # control points stay in the central 70%
     torch.manual_seed(0)
     assert torch.equal(render_strokes(64, (1, 28, 28)), images)
@@ -110,7 +145,8 @@ def test_strokes_are_drawn_inside_the_image():
 
 @pytest.mark.parametrize("field, value", [
     ("procedural_fraction", 1.0), ("procedural_fraction", -0.1),
-    ("query_pool", 0), ("student_shift", -1), ("student_shift", 9), ("pseudo_label_weight", -0.5),
+    ("query_pool", 0), ("query_pool", True), ("student_shift", -1), ("student_shift", 28),
+    ("procedural_fraction", 0.01), ("pseudo_label_weight", -0.5),
     ("pseudo_label_weight", float("nan")), ("pseudo_label_threshold", 0.0), ("pseudo_label_threshold", 1.5),
 ])
 def test_bad_settings_are_rejected_before_anything_is_written(small_teacher, mnist_small, tmp_path, field, value):
