@@ -95,6 +95,19 @@ def stage_speedup(args, records: list) -> None:
                                "convolutions; no GPU, where stacking removes K kernel launches, was available"))
 
 
+# Defaults of the transcription options that reports written before the option existed lack.
+OPTION_DEFAULTS = {"query_pool": 1, "student_shift": 0, "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95,
+                   "procedural_fraction": 0.0}
+RECORDED_SETTINGS = ("steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr",
+                     "adversarial_weight", *OPTION_DEFAULTS)
+
+
+def reported_settings(report: dict) -> dict:
+    """Return the settings in RECORDED_SETTINGS that a run's privacy report states."""
+    hyperparameters = {**OPTION_DEFAULTS, **report["public_facts"]["hyperparameters"]}
+    return {name: hyperparameters[name] for name in RECORDED_SETTINGS}
+
+
 def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
     """Run one transcription of the ensemble (or read the report of a finished one) and return its report."""
     from synthgen.config import TranscribeConfig
@@ -114,22 +127,21 @@ def transcribe_once(args, data: str, epsilon: float, seed: int) -> dict:
     report_path = run_dir / "privacy_report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        # A finished run is reused only if it ran with these settings, so its record is named right.
-        ran = {**OPTION_DEFAULTS, **report["public_facts"]["hyperparameters"]}
-        differ = [name for name in ("steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr",
-                                    "adversarial_weight", *OPTION_DEFAULTS) if ran[name] != getattr(config, name)]
+        # A finished run is reused only if it ran with these settings, so that its record is named right.
+        ran = reported_settings(report)
+        differ = [name for name in RECORDED_SETTINGS if ran[name] != getattr(config, name)]
         if differ:
-            raise SystemExit(f"{run_dir} ran with other values of {', '.join(differ)}; use another --tag or --out")
+            raise SystemExit(f"{run_dir} contains a finished run with different {', '.join(differ)} than requested; "
+                             "pass another --tag or --out")
         return report
     return transcribe(config).report
 
 
-OPTION_DEFAULTS = {"query_pool": 1, "student_shift": 0, "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95,
-                   "procedural_fraction": 0.0}
-
-
 def utility_method(args) -> str:
-    """Name the transcription settings that change what is learnt, so that each setting is its own row."""
+    """Return the record's method name, which names the settings that change what is learnt.
+
+    Each setting then gets its own row, because the suite averages the records of one method.
+    """
     parts = [f"synthgen-ensemble K={args.num_teachers}"]
     if args.procedural_fraction:
         parts.append(f"strokes {args.procedural_fraction:.0%}")
@@ -149,11 +161,7 @@ def stage_utility(args, data: str, records: list) -> None:
         reports = [transcribe_once(args, data, epsilon, seed) for seed in args.seeds]
         accuracies = [report["evaluation"]["student_accuracy"] for report in reports]
         report = reports[0]
-        # Reports written before an option existed ran with its default.
-        hyperparameters = {**OPTION_DEFAULTS, **report["public_facts"]["hyperparameters"]}
-        settings = {name: hyperparameters[name] for name in (
-            "steps", "batch_size", "student_steps", "top_k", "replay_batch", "student_lr", "adversarial_weight",
-            *OPTION_DEFAULTS)}
+        settings = reported_settings(report)
         spread = round(statistics.stdev(accuracies), 2) if len(accuracies) > 1 else None
         common = dict(dataset=args.dataset, unit=report["unit"], mechanism=report["mechanism"]["name"],
                       epsilon=epsilon, delta=DELTA, K=args.num_teachers, seeds=len(accuracies),
@@ -164,8 +172,8 @@ def stage_utility(args, data: str, records: list) -> None:
         # A resumed run's wall time covers only the part after the interruption.
         timed = [r for r in reports if not r.get("replayed_examples")]
         if timed:
-            records.append(record("ensemble", "transcribe_seconds", round(statistics.mean(r["wall_seconds"] for r in timed), 1),
-                                  **{**common, "seeds": len(timed)}))
+            seconds = round(statistics.mean(r["wall_seconds"] for r in timed), 1)
+            records.append(record("ensemble", "transcribe_seconds", seconds, **{**common, "seeds": len(timed)}))
         logger.info("eps %g: student accuracy %s%% over seeds %s (example-level, epsilon spent %.4g)", epsilon,
                     accuracies, args.seeds, report["epsilon"])
 

@@ -53,9 +53,10 @@ class TranscribeConfig:
     replay_size: int = option(50000, "answered images kept for re-use by the student (free post-processing); 0 disables")
     replay_batch: int = option(256, "images drawn from the replay buffer per student update")
     query_pool: int = option(1, "candidates per query: each iteration generates query-pool times the generator's "
-                             "part of the batch and sends that part, the images the student is least sure of (smallest margin between "
-                             "its two top classes), taken in turn from each class the student predicts. 1: no "
-                             "selection. The choice uses the student and the generator only, so it costs no privacy")
+                             "part of the batch and sends that part, the images the student is least sure of "
+                             "(smallest margin between its two top classes), taken in turn from each class the "
+                             "student predicts. 1: no selection. The choice uses the student and the generator only, "
+                             "so it costs no privacy")
     student_shift: int = option(0, "largest random shift, in pixels along each axis, of the images in a student "
                                 "update (borders reflected); 0: none. Free post-processing of the answers")
     pseudo_label_weight: float = option(0.0, "weight of the student's loss on its own confident predictions for all "

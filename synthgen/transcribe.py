@@ -127,7 +127,7 @@ def _check_settings(config: TranscribeConfig) -> None:
     if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
         raise TranscriptionError(f"procedural_fraction must be in [0, 1) (the generator keeps part of each batch), "
                                  f"got {fraction!r}")
-    if fraction and isinstance(config.batch_size, int) and not 1 <= round(fraction * config.batch_size) < config.batch_size:
+    if fraction and not 1 <= round(fraction * config.batch_size) < config.batch_size:
         raise TranscriptionError(
             f"procedural_fraction {fraction} of batch_size {config.batch_size} gives "
             f"{round(fraction * config.batch_size)} stroke images; choose a fraction that leaves between 1 and "
@@ -443,10 +443,11 @@ class _Run:
                                             distributed.rank_noise_secret(self.noise_secret, self.dist.rank))
         else:
             self.mechanism = _DirectLabeller(self.bank, setup.mechanism)
-        if config.procedural_fraction:
-            strokes = min(round(config.procedural_fraction * self.local_batch), self.local_batch - 1)
-            logger.info("each iteration sends %d stroke images and %d generator images per process", strokes,
-                        self.local_batch - strokes)
+        # Stroke images per process and iteration; at least one image per batch stays the generator's.
+        self.local_strokes = min(round(config.procedural_fraction * self.local_batch), self.local_batch - 1)
+        if self.local_strokes:
+            logger.info("each iteration sends %d stroke images and %d generator images per process",
+                        self.local_strokes, self.local_batch - self.local_strokes)
         self.queries = 0
         # Answers taken from the ledger after an interruption; the teacher saw those images in
         # the interrupted process, so forward passes here plus these equal the charged queries.
@@ -632,7 +633,7 @@ class _Run:
         self.generator.train()
         self.student.train()
         pool = config.query_pool
-        strokes = min(round(config.procedural_fraction * self.local_batch), self.local_batch - 1)
+        strokes = self.local_strokes
         drawn = self.local_batch - strokes  # images from the generator
         z = self.generator.sample_latents(drawn * pool)
         # One generator forward serves the query, the candidates around it and the first generator update.
@@ -651,7 +652,7 @@ class _Run:
         else:
             images, student_probs = candidates, candidate_probs
         if strokes:
-            # Rendered after the generator's images, so that rows :drawn of the answer are theirs.
+            # Appended after the generator's images, so the first `drawn` rows of the targets are the generator's.
             stroke_pixels = (render_strokes(strokes, tuple(pixels.shape[1:])) * 255).round().to(torch.uint8)
             stroke_images = stroke_pixels.float().to(self.device) / 255
             with torch.no_grad():

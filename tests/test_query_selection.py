@@ -1,4 +1,4 @@
-"""Query selection, shifted student inputs and pseudo-labels: free for privacy, and reproducible."""
+"""Query selection, stroke queries, shifted student inputs and pseudo-labels: charged exactly, and reproducible."""
 
 import os
 from pathlib import Path
@@ -43,7 +43,7 @@ def test_selection_is_balanced_when_one_class_dominates():
     assert chosen[3:] == [1, 2, 3]
 
 
-def test_teacher_sees_only_the_chosen_images(small_teacher, mnist_small, tmp_path, monkeypatch):
+def test_teacher_receives_only_chosen_images(small_teacher, mnist_small, tmp_path, monkeypatch):
     counter = ForwardCounter()
     install(counter, monkeypatch.setattr)
     result = transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, **EXTRAS))
@@ -63,16 +63,19 @@ def test_generator_learns_from_its_own_rows_only(small_teacher, mnist_small, tmp
     original = engine._Run._generator_update
 
     def record_rows(run, images, targets):
-        # The buffer contains this iteration's answers in the order they were sent.
-        sent = (images.detach() * 255).round().to(torch.uint8)
-        calls.append((images.shape[0], torch.equal(sent, run.buffer.images[:12]),
-                      torch.equal(targets, run.buffer.targets[:12])))
+        # The buffer contains this iteration's images and targets in the order they were sent.
+        calls.append({"images": (images.detach() * 255).round().to(torch.uint8), "targets": targets.clone(),
+                      "sent_images": run.buffer.images[:16].clone(), "sent_targets": run.buffer.targets[:16].clone()})
         return original(run, images, targets)
 
     monkeypatch.setattr(engine._Run, "_generator_update", record_rows)
     transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=1, **EXTRAS))
     # 16 images per batch: 12 generator images, chosen from 36 candidates, then 4 strokes.
-    assert calls == [(12, True, True)]
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["images"].shape[0] == 12
+    assert torch.equal(call["images"], call["sent_images"][:12])
+    assert torch.equal(call["targets"], call["sent_targets"][:12])
 
 
 def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_small, tmp_path):
