@@ -151,6 +151,9 @@ class TeacherTrainConfig:
     hidden: int = option(128, "size of the hidden linear layer (0: none, only with --frontend scatter)")
     frontend: str = option("pixels", "'pixels': a CNN on the pixels; 'scatter': a fixed wavelet scattering transform "
                            "and linear layers (Tramer and Boneh 2021), stronger under DP-SGD at small epsilon")
+    head: str = option("dense", "with --frontend scatter: 'dense' (linear layers) or 'conv' (two tanh convolutions "
+                       "of --width and 2 x --width channels, then --hidden tanh units: the ScatterNet+CNN of Tramer and "
+                       "Boneh 2021)")
     optimizer: str = option("adam", "'adam', or 'sgd' with momentum 0.9")
     seed: int = option(0, "seed of initialisation and data order")
     eval_split: str | None = option("test", "split to report test accuracy on (evaluation on private data); empty to skip")

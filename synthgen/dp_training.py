@@ -36,7 +36,7 @@ from ._io import atomic_directory, atomic_write_bytes, atomic_write_json
 from .config import TeacherTrainConfig
 from .data import ImageData
 from .teacher import (META_FILE, LoadedTeacher, TeacherError, TeacherMeta, evaluate_accuracy, fingerprint_state,
-                      make_optimizer, save_teacher)
+                      make_optimizer, save_teacher, validate_head)
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ RUN_FILE = "dp_training.json"
 CHECKPOINT_FILE = "dp_checkpoint.pt"
 # Settings that fix the spend and the result, so a resumed training must use the same values.
 FROZEN_SETTINGS = ("epochs", "batch_size", "lr", "width", "hidden", "seed", "epsilon", "delta", "max_grad_norm",
-                   "ema_decay", "noise_seed", "frontend", "optimizer", "augment_multiplicity", "weight_standardization")
+                   "ema_decay", "noise_seed", "frontend", "optimizer", "augment_multiplicity", "weight_standardization",
+                   "head")
 # Values of settings added after the first release, for run files written without them.
 _SETTING_DEFAULTS = {"frontend": "pixels", "optimizer": "adam", "augment_multiplicity": 1,
-                     "weight_standardization": False}
+                     "weight_standardization": False, "head": "dense"}
 # Largest shift, in pixels, of an augmented copy along each axis.
 AUGMENT_SHIFT = 2
 # Operational settings left out of the teacher's recorded training settings.
@@ -281,7 +282,7 @@ class _Training:
         model = Classifier(image_size=height, channels=channels, num_classes=len(train.class_names),
                            width=config.width, hidden=config.hidden, norm="group", mean=(centre,) * channels,
                            std=(scale,) * channels, class_names=list(train.class_names), frontend=config.frontend,
-                           weight_standardization=config.weight_standardization)
+                           weight_standardization=config.weight_standardization, head=config.head)
         self.model = make_dp_compatible(model)
         if scatter:
             # The scattering transform has no parameters, so DP-SGD trains only the head, on features
@@ -447,6 +448,7 @@ def _check_settings(config: TeacherTrainConfig, train: ImageData) -> None:
     if config.hidden < (1 if config.frontend == "pixels" else 0):
         raise ValueError(f"hidden must be >= 1 with frontend {config.frontend!r} (0 is allowed only with 'scatter'), "
                          f"got {config.hidden}")
+    validate_head(config)
 
 
 def train_teacher_dp(config: TeacherTrainConfig, train: ImageData, test: ImageData | None = None) -> LoadedTeacher | None:
@@ -520,6 +522,7 @@ def _finish(config: TeacherTrainConfig, train: ImageData, test: ImageData | None
         "frontend": config.frontend,
         "augment_multiplicity": config.augment_multiplicity,
         "weight_standardization": config.weight_standardization,
+        "head": config.head,
         "learning_rate": config.lr,
         "ema_decay": config.ema_decay,
         "events": [event.to_dict()],

@@ -102,7 +102,10 @@ class Classifier(ModelMixin, ConfigMixin):
     linear layers; ``norm="group"`` adds GroupNorm after each convolution, and
     ``weight_standardization`` standardises the convolutions' weights. ``frontend="scatter"``:
     a fixed wavelet scattering transform (81 channels per input channel at a quarter of the image
-    size), GroupNorm without parameters, then a linear layer (``hidden=0``) or two.
+    size), GroupNorm without parameters, then the head. ``head="dense"`` (default): a linear layer
+    (``hidden=0``) or two. ``head="conv"``: a 3x3 convolution of stride 2 to ``width`` channels, a
+    3x3 convolution to ``2 * width``, then two linear layers, all with tanh; this is the
+    ScatterNet+CNN of Tramer and Boneh (2021), where bounded activations suit clipped gradients.
 
     It has no BatchNorm on purpose: batch statistics taken on synthetic images would not match
     real ones at test time, and DP-SGD cannot train BatchNorm.
@@ -122,12 +125,18 @@ class Classifier(ModelMixin, ConfigMixin):
         class_names: list[str] | None = None,
         frontend: str = "pixels",
         weight_standardization: bool = False,
+        head: str = "dense",
     ):
         super().__init__()
         if norm not in ("none", "group"):
             raise ValueError(f"norm must be 'none' or 'group', got {norm!r}")
         if frontend not in ("pixels", "scatter"):
             raise ValueError(f"frontend must be 'pixels' or 'scatter', got {frontend!r}")
+        if head not in ("dense", "conv"):
+            raise ValueError(f"head must be 'dense' or 'conv', got {head!r}")
+        if head == "conv" and (frontend != "scatter" or hidden < 1):
+            raise ValueError("head='conv' needs frontend='scatter' and hidden >= 1 (the pixels front end is already "
+                             f"convolutional), got frontend={frontend!r}, hidden={hidden}")
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         if hidden < (1 if frontend == "pixels" else 0):
@@ -139,8 +148,18 @@ class Classifier(ModelMixin, ConfigMixin):
         if frontend == "scatter":
             self.scattering = _scattering(image_size)
             scatter_channels = channels * SCATTER_CHANNELS
-            self.features = nn.GroupNorm(scatter_channels // SCATTER_GROUP_SIZE, scatter_channels, affine=False)
-            flat = scatter_channels * (image_size // 4) ** 2
+            norm_layer = nn.GroupNorm(scatter_channels // SCATTER_GROUP_SIZE, scatter_channels, affine=False)
+            if head == "conv":
+                self.features = nn.Sequential(
+                    norm_layer,
+                    nn.Conv2d(scatter_channels, width, 3, stride=2, padding=1), nn.Tanh(),
+                    nn.Conv2d(width, 2 * width, 3, padding=1), nn.Tanh(),
+                )
+                side = (image_size // 4 + 1) // 2  # the stride-2 convolution halves the side, rounding up
+                flat = 2 * width * side**2
+            else:
+                self.features = norm_layer
+                flat = scatter_channels * (image_size // 4) ** 2
         else:
             def block(c_in: int, c_out: int) -> list[nn.Module]:
                 conv = StandardizedConv2d if weight_standardization else nn.Conv2d
@@ -172,7 +191,10 @@ class Classifier(ModelMixin, ConfigMixin):
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         """Map `image_features` output to the penultimate activations."""
-        return features if self.fc1 is None else F.relu(self.fc1(features))
+        if self.fc1 is None:
+            return features
+        hidden = self.fc1(features)
+        return torch.tanh(hidden) if self.config.head == "conv" else F.relu(hidden)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Return the penultimate activations (B, D) for pixel-space input (B, C, H, W)."""

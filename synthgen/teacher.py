@@ -337,6 +337,7 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     if config.augment_multiplicity != 1 or config.weight_standardization:
         raise ValueError("augment_multiplicity and weight_standardization are DP-SGD settings; add --dp, or leave "
                          f"them at 1 and off (got {config.augment_multiplicity}, {config.weight_standardization})")
+    validate_head(config)
     torch.manual_seed(config.seed)
     channels, height, _ = train.shape
     pixels = train.images.astype(np.float32) / 255
@@ -344,7 +345,7 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     std = pixels.std(axis=(0, 2, 3)).tolist()
     model = Classifier(image_size=height, channels=channels, num_classes=len(train.class_names), width=config.width,
                        hidden=config.hidden, mean=tuple(mean), std=tuple(std), class_names=list(train.class_names),
-                       frontend=config.frontend)
+                       frontend=config.frontend, head=config.head)
     optimizer = make_optimizer(config, model.parameters())
     total_steps = config.epochs * max(len(train) // config.batch_size, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr * 3, total_steps=total_steps)
@@ -378,6 +379,16 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     )
     save_teacher(model, meta, config.out)
     return LoadedTeacher(model.eval(), meta, fingerprint_state(model.state_dict()))
+
+
+def validate_head(config: TeacherTrainConfig) -> None:
+    """Raise ValueError, naming the value and the fix, for a head that the front end cannot take."""
+    if config.head not in ("dense", "conv"):
+        raise ValueError(f"head must be 'dense' or 'conv', got {config.head!r}")
+    if config.head == "conv" and (config.frontend != "scatter" or config.hidden < 1):
+        raise ValueError("head 'conv' is the convolutional head on scattering features: it needs --frontend scatter "
+                         f"and --hidden >= 1, got frontend {config.frontend!r} and hidden {config.hidden}; use "
+                         "--head dense otherwise")
 
 
 def make_optimizer(config: TeacherTrainConfig, parameters) -> torch.optim.Optimizer:
