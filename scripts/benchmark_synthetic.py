@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--work", help="folder for the synthetic rows, kept afterwards (default: a temporary folder)")
     parser.add_argument("--note", default="", help="text added to the record's note")
+    parser.add_argument("--method", default="synthgen",
+                        help="method name of the record; runs of one teacher with other settings need their own")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -122,6 +124,7 @@ def main() -> int:
             "by the privacy guarantee")
     entry = record(
         "synthetic_utility", "synthetic_accuracy", round(result.test_accuracy, 2), dataset=name,
+        method=args.method,
         unit=report.get("unit"), mechanism=mechanism, epsilon=report.get("epsilon") if report.get("private") else None,
         delta=report.get("delta") if report.get("private") else None,
         spread=round(result.test_accuracy_std, 2) if result.test_accuracy_std is not None else None, seeds=args.seeds,

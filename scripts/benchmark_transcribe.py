@@ -174,6 +174,21 @@ def run_scatter_teacher(args, data: str, epsilon: float, records: list) -> Path:
     return out
 
 
+def generator_settings(args) -> tuple[str, dict]:
+    """Return the run-name tag and the transcription settings of the scatter case's generator options."""
+    tag, settings = "", {}
+    if args.stroke_prior_weight:
+        tag += f"-prior{args.stroke_prior_weight:g}"
+        settings["stroke_prior_weight"] = args.stroke_prior_weight
+    if args.adversarial_weight is not None:
+        tag += f"-adv{args.adversarial_weight:g}"
+        settings["adversarial_weight"] = args.adversarial_weight
+    if args.generator_steps != 1:
+        tag += f"-g{args.generator_steps}"
+        settings["generator_steps"] = args.generator_steps
+    return tag, settings
+
+
 def run_transcription(args, teacher: Path, data: str, name: str, records: list, method_suffix: str = "",
                       **settings) -> dict:
     from synthgen.config import TranscribeConfig
@@ -223,6 +238,12 @@ def main() -> int:
     parser.add_argument("--scatter-epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--scatter-steps", type=int, default=400,
                         help="transcription iterations after the scattering teacher (0: train the teacher only)")
+    parser.add_argument("--stroke-prior-weight", type=float, default=0.0,
+                        help="scatter case: weight of the stroke prior on the generator (0: off)")
+    parser.add_argument("--adversarial-weight", type=float, default=None,
+                        help="scatter case: weight of the generator's adversarial term (default: synthgen's)")
+    parser.add_argument("--generator-steps", type=int, default=1,
+                        help="scatter case: generator updates per iteration")
     args = parser.parse_args()
     # Record what was measured when stopped with SIGTERM (background jobs ignore SIGINT).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -265,9 +286,10 @@ def main() -> int:
                     steps = args.scatter_steps // scale
                     if steps:
                         suffix = scatter_recipe(args)[3]
-                        run_name = f"dp-teacher-scatter{suffix}-eps{epsilon:g}-{steps}it"
-                        run_transcription(args, dp_teacher, data, run_name, records, method_suffix=suffix,
-                                          mechanism="dp-teacher", steps=steps, student_init="teacher")
+                        tag, settings = generator_settings(args)
+                        run_name = f"dp-teacher-scatter{suffix}{tag}-eps{epsilon:g}-{steps}it"
+                        run_transcription(args, dp_teacher, data, run_name, records, method_suffix=suffix + tag,
+                                          mechanism="dp-teacher", steps=steps, student_init="teacher", **settings)
             elif case != "teacher":
                 raise SystemExit(f"unknown case {case!r}; expected teacher, none, teacher-level, dp-teacher or scatter")
     finally:

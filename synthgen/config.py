@@ -66,6 +66,11 @@ class TranscribeConfig:
     procedural_fraction: float = option(0.0, "fraction of each query batch rendered as random pen strokes (1 to 3 "
                                         "curves) in place of generator images; made without any data, they are "
                                         "queries like the others. 0: off")
+    stroke_prior_weight: float = option(0.0, "weight of a data-free image prior on the generator: a small critic "
+                                        "learns to tell the generator's images from random pen strokes, and the "
+                                        "generator is rewarded for images the critic takes for strokes. Suits "
+                                        "handwriting-like data; it uses no teacher and no data, so it costs no "
+                                        "privacy. 0: off")
     latent_dim: int = option(100, "generator input size (z ~ N(0, I))")
     generator_width: int = option(32, "generator channel width")
     student_width: int = option(32, "student channel width")

@@ -136,7 +136,7 @@ def build_report(run, elapsed_seconds: float) -> dict:
                 "steps", "batch_size", "student_steps", "generator_steps", "student_lr", "generator_lr", "top_k",
                 "clip_norm", "temperature", "replay_size", "replay_batch", "onehot_weight", "entropy_weight",
                 "activation_weight", "adversarial_weight", "seed", "student_init", "query_pool", "student_shift",
-                "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction")},
+                "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction", "stroke_prior_weight")},
             "hyperparameter_note": "set by the user; tuning them on the private data is not accounted",
         },
         "wall_seconds": round(elapsed_seconds, 1),

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, sweep_stale_temporaries
@@ -57,10 +58,12 @@ _FROZEN_SETTINGS = (
     "generator_width", "student_width", "student_hidden", "student_norm", "onehot_weight", "entropy_weight",
     "activation_weight", "adversarial_weight", "seed", "noise_seed", "student_frontend", "student_init",
     "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction",
+    "stroke_prior_weight",
 )
 # Values of settings added after the first release, for run files written without them.
 _SETTING_DEFAULTS = {"student_frontend": "pixels", "student_init": "random", "query_pool": 1, "student_shift": 0,
-                     "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95, "procedural_fraction": 0.0}
+                     "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95, "procedural_fraction": 0.0,
+                     "stroke_prior_weight": 0.0}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +123,9 @@ def _check_settings(config: TranscribeConfig) -> None:
     weight = config.pseudo_label_weight
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
         raise TranscriptionError(f"pseudo_label_weight must be a finite number >= 0 (0: off), got {weight!r}")
+    prior = config.stroke_prior_weight
+    if isinstance(prior, bool) or not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
+        raise TranscriptionError(f"stroke_prior_weight must be a finite number >= 0 (0: off), got {prior!r}")
     threshold = config.pseudo_label_threshold
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise TranscriptionError(f"pseudo_label_threshold must be in (0, 1], got {threshold!r}")
@@ -410,6 +416,11 @@ class _Run:
                                       norm=config.student_norm, mean=(0.5,) * channels, std=(0.5,) * channels,
                                       class_names=self.class_names, frontend=config.student_frontend)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
+        # The critic of the stroke prior is trained only on generator images and on strokes drawn
+        # from random numbers, and it is never released. Learning rate and betas as in DCGAN (Radford et al. 2016).
+        self.critic = StrokeCritic(channels, height) if config.stroke_prior_weight else None
+        self.critic_optimizer = (torch.optim.Adam(self.critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
+                                 if self.critic is not None else None)
         self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)
         self.device = resolve_device(config.device)
         # One process unless started by torchrun or accelerate; see synthgen.distributed.
@@ -423,6 +434,8 @@ class _Run:
             raise TranscriptionError(str(error)) from None
         self.generator.to(self.device)
         self.student.to(self.device)
+        if self.critic is not None:
+            self.critic.to(self.device)
         self.buffer = ReplayBuffer(config.replay_size // self.dist.world_size, (channels, height, height),
                                    meta.num_classes, self.device)
         self.step = 0
@@ -519,6 +532,8 @@ class _Run:
             "student": self.student.state_dict(),
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict(),
+            **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
+               if self.critic is not None else {}),
             **rank_state,
             "noise_secret": str(self.noise_secret),
             "replayed_examples": self.replayed_examples,
@@ -566,6 +581,9 @@ class _Run:
         self.student.load_state_dict(state["student"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.student_optimizer.load_state_dict(state["student_optimizer"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.buffer.load_state_dict(state["buffer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -699,18 +717,33 @@ class _Run:
 
     def _generator_update(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         """One generator step; `images` is the generator's output with its graph, (B, C, H, W) in [0, 1]."""
-        for parameter in self.student.parameters():
+        if self.critic is not None:
+            self._critic_update(images.detach())
+        frozen = [*self.student.parameters(), *(self.critic.parameters() if self.critic is not None else ())]
+        for parameter in frozen:
             parameter.requires_grad_(False)
         try:
             loss = self.generator_loss(images, targets)
+            if self.critic is not None:
+                # Non-saturating GAN loss (Goodfellow et al. 2014): images the critic takes for strokes.
+                loss = loss + self.config.stroke_prior_weight * F.softplus(-self.critic(images)).mean()
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.dist.average_gradients(self.generator)
             self.generator_optimizer.step()
         finally:
-            for parameter in self.student.parameters():
+            for parameter in frozen:
                 parameter.requires_grad_(True)
         return loss.item()
+
+    def _critic_update(self, fakes: torch.Tensor) -> None:
+        """Train the stroke critic one step: strokes drawn now are real, the generator's `fakes` are not."""
+        strokes = render_strokes(fakes.shape[0], tuple(fakes.shape[1:])).to(self.device)
+        loss = F.softplus(-self.critic(strokes)).mean() + F.softplus(self.critic(fakes)).mean()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.dist.average_gradients(self.critic)
+        self.critic_optimizer.step()
 
     def generator_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Compute the generator loss on the student alone; the teacher is not reachable from here.
@@ -765,6 +798,26 @@ def pseudo_label_loss(student: torch.nn.Module, images: torch.Tensor, threshold:
         confident = (confidence >= threshold).float()
     losses = F.cross_entropy(student(transform(images)), labels, reduction="none")
     return (losses * confident).sum() / images.shape[0]
+
+
+class StrokeCritic(nn.Module):
+    """Tells random pen strokes (logit > 0) from other images: two 4x4 convolutions of stride 2, a linear layer.
+
+    It is the discriminator of the stroke prior. It has no BatchNorm, so its output for one image
+    does not depend on the others in the batch.
+    """
+
+    def __init__(self, channels: int, image_size: int, width: int = 32):
+        super().__init__()
+        side = image_size // 4  # two stride-2 convolutions; image sizes are multiples of 4
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Flatten(), nn.Linear(2 * width * side**2, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images).squeeze(1)  # (B,) logits
 
 
 def render_strokes(count: int, shape: tuple[int, int, int], points: int = 24) -> torch.Tensor:

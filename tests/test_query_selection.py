@@ -1,4 +1,4 @@
-"""Query selection, stroke queries, shifted student inputs and pseudo-labels: charged exactly, and reproducible."""
+"""Query selection, stroke queries, shifted inputs, pseudo-labels and the stroke prior: charged exactly, reproducible."""
 
 import os
 from pathlib import Path
@@ -8,14 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from synthgen.models import Classifier
-from synthgen.transcribe import TranscriptionError, pseudo_label_loss, render_strokes, select_queries, transcribe
+from synthgen.transcribe import (StrokeCritic, TranscriptionError, pseudo_label_loss, render_strokes, select_queries,
+                                 transcribe)
 
 from .conftest import small_config
 from .forward_counter import ForwardCounter, install
 from .test_invariants import ledger_queries
 
 EXTRAS = dict(query_pool=3, student_shift=2, pseudo_label_weight=1.0, pseudo_label_threshold=0.5,
-              procedural_fraction=0.25)
+              procedural_fraction=0.25, stroke_prior_weight=1.0)
 
 
 def probs_with_margins(rows: list[tuple[int, float]], classes: int = 3) -> torch.Tensor:
@@ -92,8 +93,9 @@ def test_resume_with_selection_equals_uninterrupted_run(small_teacher, mnist_sma
 
 def test_resume_with_a_changed_option_is_rejected(small_teacher, mnist_small, tmp_path):
     transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=4, stop_after=2, **EXTRAS))
-    changed = dict(EXTRAS, query_pool=1, procedural_fraction=0.5)
-    with pytest.raises(TranscriptionError, match="query_pool, procedural_fraction differ from the interrupted run"):
+    changed = dict(EXTRAS, query_pool=1, procedural_fraction=0.5, stroke_prior_weight=2.0)
+    with pytest.raises(TranscriptionError, match="query_pool, procedural_fraction, stroke_prior_weight differ from the "
+                                                 "interrupted run"):
         transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, steps=4, resume=True, **changed))
 
 
@@ -129,6 +131,37 @@ def test_pseudo_labels_change_the_student(small_teacher, mnist_small, tmp_path):
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
+def test_stroke_prior_leaves_the_spend_unchanged_and_moves_the_generator(small_teacher, mnist_small, tmp_path):
+    plain = dict(EXTRAS, stroke_prior_weight=0.0)
+    first = transcribe(small_config(small_teacher, tmp_path / "plain", mnist_small, steps=3, **plain))
+    second = transcribe(small_config(small_teacher, tmp_path / "prior", mnist_small, steps=3, **EXTRAS))
+    a, b = (load_file(str(next((tmp_path / run / "generator").glob("*.safetensors")))) for run in ("plain", "prior"))
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+    assert first.report["queries"] == second.report["queries"]
+    assert first.report["epsilon"] == second.report["epsilon"]
+
+
+def test_stroke_critic_learns_to_tell_strokes_from_noise():
+    torch.manual_seed(0)
+    critic = StrokeCritic(1, 28)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    strokes, noise = render_strokes(64, (1, 28, 28)), torch.rand(64, 1, 28, 28)
+
+    def loss() -> torch.Tensor:
+        return (torch.nn.functional.softplus(-critic(strokes)).mean()
+                + torch.nn.functional.softplus(critic(noise)).mean())
+
+    before = loss().item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert loss().item() < 0.5 * before
+        assert (critic(strokes) > 0).float().mean() > 0.9
+        assert (critic(noise) < 0).float().mean() > 0.9
+
+
 def test_strokes_are_drawn_inside_the_image():
     torch.manual_seed(0)
     images = render_strokes(64, (1, 28, 28))
@@ -151,6 +184,7 @@ def test_strokes_are_drawn_inside_the_image():
     ("query_pool", 0), ("query_pool", True), ("student_shift", -1), ("student_shift", 28),
     ("procedural_fraction", 0.01), ("pseudo_label_weight", -0.5),
     ("pseudo_label_weight", float("nan")), ("pseudo_label_threshold", 0.0), ("pseudo_label_threshold", 1.5),
+    ("stroke_prior_weight", -1.0), ("stroke_prior_weight", float("inf")), ("stroke_prior_weight", True),
 ])
 def test_bad_settings_are_rejected_before_anything_is_written(small_teacher, mnist_small, tmp_path, field, value):
     with pytest.raises(TranscriptionError, match=field):
