@@ -155,8 +155,12 @@ def copy_grid(run_dir: Path, plots: Path, dataset: str, fields: dict) -> None:
     epsilon = "none" if fields["epsilon"] is None else f"eps{fields['epsilon']:.2g}"
     unit = fields["unit"] or "not-private"
     # Scattering teachers share mechanism, unit and epsilon with the pixel DP teacher; name them apart.
-    teacher = json.loads((run_dir / "privacy_report.json").read_text()).get("teacher_dp") or {}
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    teacher = report.get("teacher_dp") or {}
     frontend = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
+    # Runs of one teacher with and without the stroke prior make very different images.
+    prior = (report.get("public_facts") or {}).get("hyperparameters", {}).get("stroke_prior_weight")
+    frontend += f"-stroke-prior{prior:g}" if prior else ""
     plots.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}{frontend}.png")
 
