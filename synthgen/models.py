@@ -104,8 +104,8 @@ class Classifier(ModelMixin, ConfigMixin):
     a fixed wavelet scattering transform (81 channels per input channel at a quarter of the image
     size), GroupNorm without parameters, then the head. ``head="dense"`` (default): a linear layer
     (``hidden=0``) or two. ``head="conv"``: a 3x3 convolution of stride 2 to ``width`` channels, a
-    3x3 convolution to ``2 * width``, then two linear layers, all with tanh; this is the
-    ScatterNet+CNN of Tramer and Boneh (2021), where bounded activations suit clipped gradients.
+    3x3 convolution to ``2 * width`` and a hidden layer, each followed by tanh, then the output
+    layer. This is the ScatterNet+CNN of Tramer and Boneh (2021, github.com/ftramer/Handcrafted-DP).
 
     It has no BatchNorm on purpose: batch statistics taken on synthetic images would not match
     real ones at test time, and DP-SGD cannot train BatchNorm.

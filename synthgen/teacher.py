@@ -382,7 +382,10 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
 
 
 def validate_head(config: TeacherTrainConfig) -> None:
-    """Raise ValueError, naming the value and the fix, for a head that the front end cannot take."""
+    """Raise ValueError for a head the front end cannot take, before any file or ledger entry is written.
+
+    The Classifier checks the same, but only once the model is built.
+    """
     if config.head not in ("dense", "conv"):
         raise ValueError(f"head must be 'dense' or 'conv', got {config.head!r}")
     if config.head == "conv" and (config.frontend != "scatter" or config.hidden < 1):

@@ -416,8 +416,8 @@ class _Run:
                                       norm=config.student_norm, mean=(0.5,) * channels, std=(0.5,) * channels,
                                       class_names=self.class_names, frontend=config.student_frontend)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
-        # The critic of the stroke prior is trained only on generator images and on strokes drawn
-        # from random numbers, and it is never released. Learning rate and betas as in DCGAN (Radford et al. 2016).
+        # The stroke prior's critic is trained only on generator images and on strokes drawn from
+        # random numbers, and it is never released. Its Adam settings were chosen without tuning.
         self.critic = StrokeCritic(channels, height) if config.stroke_prior_weight else None
         self.critic_optimizer = (torch.optim.Adam(self.critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
                                  if self.critic is not None else None)
@@ -725,7 +725,7 @@ class _Run:
         try:
             loss = self.generator_loss(images, targets)
             if self.critic is not None:
-                # Non-saturating GAN loss (Goodfellow et al. 2014): images the critic takes for strokes.
+                # softplus(-logit) = -log sigmoid(logit): low for images the critic takes for strokes.
                 loss = loss + self.config.stroke_prior_weight * F.softplus(-self.critic(images)).mean()
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -742,6 +742,8 @@ class _Run:
         loss = F.softplus(-self.critic(strokes)).mean() + F.softplus(self.critic(fakes)).mean()
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # NOTE: averaging keeps the critics of several processes equal, but no multi-process test
+        # covers the stroke prior yet.
         self.dist.average_gradients(self.critic)
         self.critic_optimizer.step()
 

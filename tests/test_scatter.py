@@ -143,7 +143,7 @@ def test_student_copied_from_dp_teacher(scatter_teacher, mnist_small, tmp_path):
         assert len(book.summary()) == 1  # the teacher's training only; the copy and the transcription are free
 
 
-def test_conv_head_teacher_beats_chance_and_its_copy_keeps_the_head(mnist_small, tmp_path):
+def test_conv_head_teacher_learns(mnist_small, tmp_path):
     ledger = tmp_path / "ledger.duckdb"
     config = TeacherTrainConfig(data=str(mnist_small), out=str(tmp_path / "teacher"), dp=True, epsilon=8.0,
                                 delta=1e-5, epochs=6, batch_size=128, lr=1.0, width=16, hidden=32, frontend="scatter",
