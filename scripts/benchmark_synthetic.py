@@ -13,6 +13,7 @@
 
 Usage:
     python scripts/benchmark_synthetic.py RUN --real-test mnist [--samples 60000] [--seeds 1] [--epochs 10]
+        [--augment affine --method NAME]
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logger = logging.getLogger("benchmark")
 
 
-def build_rows(run: Path, report: dict, out: Path, samples: int, seed: int, threads: int | None) -> float:
+def build_rows(run: Path, report: dict, out: Path, samples: int, seed: int, threads: int | None,
+               augment: str = "none") -> float:
     """Build `samples` rows from `run` into `out`; return the build's seconds."""
     import torch
 
@@ -48,7 +50,7 @@ def build_rows(run: Path, report: dict, out: Path, samples: int, seed: int, thre
     started = time.perf_counter()
     if report.get("private"):
         build_dataset(BuildConfig(generator=str(run), num_samples=samples, seed=seed, out=str(out), device="cpu",
-                                  threads=threads, overwrite=out.exists(), record=False))
+                                  threads=threads, overwrite=out.exists(), record=False, augment=augment))
     else:
         logger.info("%s is not private (mechanism %s): writing its rows without the builder's privacy check", run,
                     (report.get("mechanism") or {}).get("name"))
@@ -59,7 +61,8 @@ def build_rows(run: Path, report: dict, out: Path, samples: int, seed: int, thre
                                 student=Classifier.from_pretrained(run / "student", use_safetensors=True))
         pipeline = prepare_pipeline(pipeline, torch.device("cpu"))
         provenance = {"generator": str(run), "generator_commit": local_digest(run)}
-        write_rows(out / DATA_DIR, pipeline, seed, samples, 10_000, pipeline.class_names, provenance)
+        write_rows(out / DATA_DIR, pipeline, seed, samples, 10_000, pipeline.class_names, provenance,
+                   augment=augment)
     return time.perf_counter() - started
 
 
@@ -82,6 +85,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--work", help="folder for the synthetic rows, kept afterwards (default: a temporary folder)")
     parser.add_argument("--note", default="", help="text added to the record's note")
+    parser.add_argument("--augment", default="none",
+                        help="transforms before labelling, as `synthgen build-dataset --augment` (default none); "
+                             "give the record its own --method")
     parser.add_argument("--method", default="synthgen",
                         help="method name of the record; runs of one teacher with other settings need their own")
     args = parser.parse_args()
@@ -104,7 +110,7 @@ def main() -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="synthgen-benchmark-synthetic-"))
     try:
         dataset = work / "dataset"
-        build_seconds = build_rows(run, report, dataset, args.samples, args.seed, args.threads)
+        build_seconds = build_rows(run, report, dataset, args.samples, args.seed, args.threads, args.augment)
         logger.info("built %d rows in %.0f s", args.samples, build_seconds)
         real_test = real_test_path(args.real_test)
         name = args.dataset_name or Path(args.real_test).name.lower()
@@ -128,7 +134,7 @@ def main() -> int:
         unit=report.get("unit"), mechanism=mechanism, epsilon=report.get("epsilon") if report.get("private") else None,
         delta=report.get("delta") if report.get("private") else None,
         spread=round(result.test_accuracy_std, 2) if result.test_accuracy_std is not None else None, seeds=args.seeds,
-        run=str(run), samples=args.samples, sample_seed=args.seed, train_rows=result.train_rows,
+        run=str(run), samples=args.samples, sample_seed=args.seed, augment=args.augment, train_rows=result.train_rows,
         validation_rows=result.validation_rows, test_rows=result.test_rows,
         validation_accuracy=round(result.validation_accuracy, 2), per_seed=result.per_seed,
         student_accuracy=student, gap_to_student=round(student - result.test_accuracy, 2) if student else None,

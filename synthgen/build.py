@@ -43,7 +43,8 @@ import numpy as np
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from .generator_source import accountant_name
-from .sampling import BLOCK_SIZE, PRECISIONS, SAMPLER, draw_block, plan_per_class, prepare_pipeline
+from .sampling import (BLOCK_SIZE, PRECISIONS, SAMPLER, SamplingError, describe_augment, draw_block, parse_augment,
+                       plan_per_class, prepare_pipeline)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class BuildConfig:
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     threads: int | None = None  # torch CPU threads per process
     precision: str = "float32"  # generator precision, "float32" or "bfloat16" (part of the dataset's definition)
+    augment: str = "none"  # transforms before labelling: "none", "affine", "hflip" or "affine+hflip"
     catalog: str | None = None  # catalog file; default $SYNTHGEN_CATALOG or the user data folder
     record: bool = True  # record the dataset in the catalog
 
@@ -130,6 +132,10 @@ def validate_config(config: BuildConfig) -> None:
         _check_int("threads", config.threads, 1, "--threads")
     if config.precision not in PRECISIONS:
         raise BuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    try:
+        parse_augment(config.augment)
+    except SamplingError as error:
+        raise BuildError(f"--{error}") from None
     if not isinstance(config.split, str) or not _SPLIT_NAME.match(config.split):
         raise BuildError(f"--split must be a plain name of letters, digits and underscores (it becomes part of the "
                          f"shard file names), got {config.split!r}")
@@ -176,14 +182,14 @@ def dataset_features(class_names: list[str]):
 class _BlockCache:
     """Generate each block once while consecutive rows fall into it."""
 
-    def __init__(self, pipeline, seed: int):
-        self.pipeline, self.seed = pipeline, seed
+    def __init__(self, pipeline, seed: int, augment: str | None = None):
+        self.pipeline, self.seed, self.augment = pipeline, seed, augment
         self.block: int | None = None
         self.value = None
 
     def get(self, block: int):
         if block != self.block:
-            self.value = draw_block(self.pipeline, self.seed, block)
+            self.value = draw_block(self.pipeline, self.seed, block, self.augment)
             self.block = block
         return self.value
 
@@ -241,7 +247,7 @@ def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance:
 
 
 def write_rows(data_dir: Path, pipeline, seed: int, rows: int, shard_size: int, class_names: list[str],
-               provenance: dict, split: str = "train") -> list[Path]:
+               provenance: dict, split: str = "train", augment: str | None = None) -> list[Path]:
     """Write rows 0 to rows-1 of the sample stream for `seed` as parquet shards into `data_dir`.
 
     The rows equal those of `build_dataset` with the same settings, but no card, manifest or
@@ -251,7 +257,7 @@ def write_rows(data_dir: Path, pipeline, seed: int, rows: int, shard_size: int, 
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     features = dataset_features(class_names)
-    cache = _BlockCache(pipeline, seed)
+    cache = _BlockCache(pipeline, seed, augment)
     shards = math.ceil(rows / shard_size)
     files = []
     for index in range(shards):
@@ -277,6 +283,7 @@ def _settings(config: BuildConfig, source) -> dict:
         "block_size": BLOCK_SIZE,
         # Left out at the default, so that builds recorded before the option existed still resume.
         **({"precision": config.precision} if config.precision != "float32" else {}),
+        **({"augment": "+".join(parse_augment(config.augment))} if parse_augment(config.augment) else {}),
     }
 
 
@@ -350,8 +357,8 @@ def _privacy_facts(source) -> dict:
     facts["accountant"] = accountant_name(report)
     facts["mechanism"] = (report.get("mechanism") or {}).get("name")
     facts["generator_card"] = source.card_url
-    facts["sampling_cost"] = ("none: sampling the generator and labelling with the student are post-processing of "
-                              "the DP release")
+    facts["sampling_cost"] = ("none: sampling the generator, any seeded transforms of its images and labelling with "
+                              "the student are post-processing of the DP release")
     return facts
 
 
@@ -367,12 +374,20 @@ def _new_manifest(config: BuildConfig, source, settings: dict, rows: int, shards
         "image_shape": list(source.image_shape),
         "size_category": _size_category(rows),
         "privacy": _privacy_facts(source),
-        "sampler": SAMPLER if config.precision == "float32" else
-                   f"{SAMPLER}; generator in bfloat16 and channels-last except its last convolution",
+        "sampler": _sampler(config),
         "software": {"synthgen": metadata.version("synthgen"), "torch": metadata.version("torch"),
                      "datasets": metadata.version("datasets")},
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _sampler(config: BuildConfig) -> str:
+    parts = [SAMPLER]
+    if config.precision != "float32":
+        parts.append("generator in bfloat16 and channels-last except its last convolution")
+    if parse_augment(config.augment):
+        parts.append(describe_augment(config.augment))
+    return "; ".join(parts)
 
 
 def _default_name(source) -> str:
@@ -524,7 +539,7 @@ def _build_in(out: Path, action: str, config: BuildConfig, source, pipeline, set
     if state.is_main_process and action != "complete":
         planned = None
         if config.per_class is not None and not (action == "resume" and plan_path.is_file()):
-            planned = plan_per_class(pipeline, config.seed, config.per_class, class_names)
+            planned = plan_per_class(pipeline, config.seed, config.per_class, class_names, config.augment)
         if action == "overwrite":
             logger.info("--overwrite: removing the dataset files of %s", out)
             _clear_dataset_files(out)
@@ -607,7 +622,7 @@ def _write_own_shards(files: list[Path], indices: np.ndarray, planned_labels: np
 
     features = dataset_features(source.class_names)
     provenance = {**source.provenance(), "seed": config.seed}
-    cache = _BlockCache(pipeline, config.seed)
+    cache = _BlockCache(pipeline, config.seed, config.augment)
     mine = [k for k in range(len(files)) if k % state.num_processes == state.process_index]
     todo = []
     for k in mine:

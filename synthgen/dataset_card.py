@@ -80,6 +80,8 @@ def render_dataset_card(manifest: dict, report: dict, repo_id: str | None = None
     size_option = (f"--num-samples {settings['num_samples']}" if settings["num_samples"] is not None
                    else f"--per-class {settings['per_class']}")
     revision = f" --revision {settings['generator_commit']}" if settings["generator_kind"] == "hub" else ""
+    # Options that change the rows; left out at their defaults, as in the settings.
+    extra = "".join(f" --{key} {settings[key]}" for key in ("precision", "augment") if settings.get(key))
     context = {
         "name": manifest["name"],
         "repo_id": repo_id,
@@ -95,8 +97,9 @@ def render_dataset_card(manifest: dict, report: dict, repo_id: str | None = None
         "generator_commit": settings["generator_commit"],
         "seed": settings["seed"],
         "sampler": manifest["sampler"],
+        "augment": settings.get("augment"),
         "build_command": (f"synthgen build-dataset {settings['generator']}{revision} {size_option} "
-                          f"--seed {settings['seed']} --split {settings['split']} --out OUT"),
+                          f"--seed {settings['seed']} --split {settings['split']}{extra} --out OUT"),
         "unit": privacy["unit"],
         "unit_description": privacy.get("unit_description"),
         "epsilon": _format(privacy["epsilon"]),

@@ -38,7 +38,7 @@ def _cmd_build(args) -> int:
         seed=args.seed, shard_size=args.shard_size, out=args.out, push_to_hub=args.push_to_hub, private=args.private,
         split=args.split, name=args.name, license=args.license, overwrite=args.overwrite, resume=args.resume,
         device=args.device, threads=args.threads, catalog=args.catalog, record=not args.no_catalog,
-        precision=args.precision,
+        precision=args.precision, augment=args.augment,
     )
     result = build_dataset(config)
     if result.process_index == 0:
@@ -160,6 +160,11 @@ def _add_build(commands) -> None:
                        help="generator precision: 'float32' (default) or 'bfloat16', about 5 times faster on CPUs "
                             "with AMX or AVX-512 BF16; the images differ slightly, so it is part of the dataset's "
                             "definition and a resumed build must use the same value")
+    build.add_argument("--augment", default="none",
+                       help="transforms applied to each generated image before the student labels it: 'none' "
+                            "(default), 'affine' (small random rotation, scale, shear and shift; for digits), "
+                            "'hflip' (random mirror; for clothing) or 'affine+hflip'. Post-processing: no privacy "
+                            "cost. Part of the dataset's definition")
     build.add_argument("--catalog", help="catalog file (default $SYNTHGEN_CATALOG or "
                                          "~/.local/share/synthgen/catalog.duckdb)")
     build.add_argument("--no-catalog", action="store_true", help="do not record the dataset in the catalog")

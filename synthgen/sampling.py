@@ -37,19 +37,104 @@ SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a
 # Samples a per-class plan may draw before it gives up, per requested row (as DPSDPipeline does).
 MAX_DRAWS_PER_ROW = 100
 
+# Transforms a build may apply to each generated image before the student labels it. They use
+# only seeded random numbers, never private data, so they are post-processing too.
+# "affine": a random rotation, scale, horizontal shear and shift, in the ranges below, with
+# bilinear resampling and black outside the image.
+# "hflip": a mirror image with probability 1/2, for classes that look alike mirrored (clothing).
+AUGMENTATIONS = ("affine", "hflip")
+AFFINE_ROTATION_DEGREES = 12.0  # either way
+AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
+AFFINE_SHEAR = 0.15  # shear factor, either way
+AFFINE_SHIFT = 1 / 14  # fraction of the side in each axis, either way: 2 pixels at 28
+
 
 class SamplingError(ValueError):
     """The generator cannot produce the requested samples; the message states what to change."""
 
 
-def block_seed(seed: int, block: int) -> int:
-    """Return the torch seed of one block of latents: 63 bits of sha256 over (seed, block)."""
-    digest = hashlib.sha256(f"synthgen-dataset/{seed}/{block}".encode()).digest()
+def block_seed(seed: int, block: int, purpose: str | None = None) -> int:
+    """Return the torch seed of one block's latents, or with `purpose` of its other random numbers.
+
+    The seed is 63 bits of sha256 over (seed, block) or (seed, block, purpose).
+    """
+    key = f"synthgen-dataset/{seed}/{block}" + (f"/{purpose}" if purpose else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def draw_block(pipeline, seed: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate block `block` and label it with the student.
+def parse_augment(spec: str | None) -> tuple[str, ...]:
+    """Return the transforms of an augmentation spec: "none", or names from AUGMENTATIONS joined by "+".
+
+    Raises:
+        SamplingError: an unknown or repeated name.
+    """
+    if spec is None or spec == "none":
+        return ()
+    names = tuple(spec.split("+")) if isinstance(spec, str) else ()
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise SamplingError(f"augment must be 'none' or names from {', '.join(AUGMENTATIONS)} joined by '+' (each "
+                            f"once), for example 'affine' or 'affine+hflip'; got {spec!r}")
+    return tuple(name for name in AUGMENTATIONS if name in names)  # in the order they are applied
+
+
+def describe_augment(spec: str | None) -> str:
+    """Return the sampler's wording for an augmentation spec, for the manifest and the card."""
+    names = parse_augment(spec)
+    parts = []
+    if "affine" in names:
+        parts.append(f"a random affine transform (rotation up to {AFFINE_ROTATION_DEGREES:g} degrees, scale "
+                     f"{1 - AFFINE_SCALE:g} to {1 + AFFINE_SCALE:g}, horizontal shear up to {AFFINE_SHEAR:g}, shift "
+                     f"up to 1/{round(1 / AFFINE_SHIFT)} of the side, bilinear, black outside)")
+    if "hflip" in names:
+        parts.append("a horizontal mirror with probability 1/2")
+    if not parts:
+        return ""
+    return ("before labelling, each image gets " + " and ".join(parts) + ", drawn from a CPU torch.Generator seeded "
+            "with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>/augment')")
+
+
+def augment_images(images, names: tuple[str, ...], rng):
+    """Apply the transforms `names` to images (B, C, H, W) in [0, 1], with parameters drawn from `rng`.
+
+    The parameters of all B images are drawn first, in a fixed order, so image j of a block gets
+    the same transform however the block is later split into chunks. The resampling runs in
+    float64, so that its result, cast back to the images' dtype, does not depend on the number of
+    threads. A mirror only moves values, so an image's mirror rounds to the mirrored 8-bit image.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    count = images.shape[0]
+    uniform = torch.rand(count, 6, generator=rng, dtype=torch.float64) * 2 - 1  # (B, 6) in [-1, 1)
+    out = images
+    if "affine" in names:
+        wide = images.to(torch.float64)
+        angle = uniform[:, 0] * math.radians(AFFINE_ROTATION_DEGREES)
+        scale = 1 + uniform[:, 1] * AFFINE_SCALE
+        shear = uniform[:, 2] * AFFINE_SHEAR
+        shift = uniform[:, 3:5] * AFFINE_SHIFT * 2  # affine_grid's coordinates span [-1, 1]: the side is 2
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # theta maps output coordinates to input coordinates (affine_grid's convention): input =
+        # A (output - shift), so the image centre moves by exactly `shift`.
+        matrix = torch.stack([torch.stack([cos, shear - sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
+        offset = -(matrix @ shift[:, :, None])  # (B, 2, 1)
+        theta = torch.cat([matrix, offset], dim=2).to(images.device)  # (B, 2, 3)
+        parts = []
+        for start in range(0, count, CPU_CHUNK):
+            part = wide[start:start + CPU_CHUNK]
+            grid = F.affine_grid(theta[start:start + CPU_CHUNK], list(part.shape), align_corners=False)
+            parts.append(F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        out = torch.cat(parts).to(images.dtype)
+    if "hflip" in names:
+        flip = (uniform[:, 5] < 0).to(images.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def draw_block(pipeline, seed: int, block: int, augment: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generate block `block`, apply the transforms of `augment` (see parse_augment) and label it with the student.
 
     Returns uint8 pixels (B, C, H, W), int64 labels (B,) and float32 confidences (B,).
     """
@@ -67,6 +152,10 @@ def draw_block(pipeline, seed: int, block: int) -> tuple[np.ndarray, np.ndarray,
         latents = randn_tensor((BLOCK_SIZE, generator.config.latent_dim), generator=rng, device=pipeline.device,
                                dtype=dtype)  # (B, latent_dim)
         images = torch.cat([generator(part) for part in _chunks(latents)])  # (B, C, H, W) in [0, 1]
+        names = parse_augment(augment)
+        if names:
+            augment_rng = torch.Generator(device="cpu").manual_seed(block_seed(seed, block, "augment"))
+            images = augment_images(images.clamp(0, 1), names, augment_rng)
         pixels = (images.clamp(0, 1) * 255).round()  # 8-bit values, still float
         logits = student_logits(student, pixels / 255)  # the student labels the 8-bit image, as in DPSDPipeline
         confidences, labels = F.softmax(logits.float(), dim=1).max(dim=1)
@@ -120,7 +209,8 @@ def set_generator_precision(generator, precision: str) -> None:
         generator.blocks[-2].float()
 
 
-def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str],
+                   augment: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return the sample indices (and their labels) of the first `per_class` samples of each class.
 
     Samples are scanned in index order, so the plan depends only on the generator and the seed.
@@ -136,7 +226,7 @@ def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str]) 
     indices: list[int] = []
     labels: list[int] = []
     for block in range(max_blocks):
-        _, block_labels, _ = draw_block(pipeline, seed, block)
+        _, block_labels, _ = draw_block(pipeline, seed, block, augment)
         for offset, label in enumerate(block_labels.tolist()):
             if counts[label] < per_class:
                 counts[label] += 1

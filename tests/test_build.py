@@ -170,6 +170,79 @@ def test_resume_rejects_other_precision(run_dir, tmp_path):
         build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256, precision="bfloat16", resume=True)
 
 
+def test_hflip_build_mirrors_and_relabels(reference, run_dir, student, tmp_path):
+    # A mirror is exact on 8-bit images, so every row is the reference row or its mirror image.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        build(run_dir, tmp_path / "flip-a", num_samples=ROWS, shard_size=256, augment="hflip")
+        torch.set_num_threads(2)
+        build(run_dir, tmp_path / "flip-b", num_samples=ROWS, shard_size=97, augment="hflip")
+    finally:
+        torch.set_num_threads(threads)
+    rows = read_rows(tmp_path / "flip-a")
+    same_rows(rows, read_rows(tmp_path / "flip-b"))
+    plain, flipped = decode_images(read_rows(reference)), decode_images(rows)
+    mirrored = np.array([np.array_equal(a, b[..., ::-1]) and not np.array_equal(a, b)
+                         for a, b in zip(flipped, plain)])
+    unchanged = np.array([np.array_equal(a, b) for a, b in zip(flipped, plain)])
+    assert (mirrored | unchanged).all()
+    assert 0.4 < mirrored.mean() < 0.6  # probability 1/2 over 600 rows
+    with torch.no_grad():
+        predicted = student(torch.from_numpy(flipped).double() / 255).argmax(dim=1)
+    assert rows.column("label").to_pylist() == predicted.tolist()
+    manifest = json.loads((tmp_path / "flip-a" / MANIFEST_FILE).read_text())
+    assert manifest["settings"]["augment"] == "hflip"
+    assert "horizontal mirror" in manifest["sampler"]
+    card = (tmp_path / "flip-a" / "README.md").read_text()
+    assert "--augment hflip" in card
+    assert "transforming them with seeded" in card
+
+
+def test_affine_shift_within_stated_range():
+    from synthgen.sampling import AFFINE_SHIFT, augment_images
+
+    # A 2x2 dot at the centre of 28x28 images: rotation, scale and shear keep the centre fixed,
+    # so the dot's centre of mass moves by the shift alone, up to AFFINE_SHIFT of the side.
+    images = torch.zeros(512, 1, 28, 28)
+    images[:, :, 13:15, 13:15] = 1
+    moved = augment_images(images, ("affine",), torch.Generator().manual_seed(0))
+    assert moved.dtype == images.dtype
+    grid = torch.arange(28, dtype=torch.float64)
+    mass = moved.sum(dim=(1, 2, 3))
+    column = (moved.sum(dim=(1, 2)) * grid).sum(dim=1) / mass - 13.5
+    row = (moved.sum(dim=(1, 3)) * grid).sum(dim=1) / mass - 13.5
+    limit = AFFINE_SHIFT * 28
+    assert column.abs().max() <= limit + 0.1
+    assert row.abs().max() <= limit + 0.1
+    # A uniform shift over [-2, 2] pixels has a standard deviation of 1.15 pixels.
+    assert column.std() > limit / 3
+    assert row.std() > limit / 3
+    assert (column > 1).any()
+    assert (column < -1).any()
+    # A scale in [0.9, 1.1] changes the dot's area (its mass) by at most 21%. The bounds allow 10% more for resampling.
+    assert mass.min() > 4 * 0.9**2 * 0.9
+    assert mass.max() < 4 * 1.1**2 * 1.1
+    again = augment_images(images, ("affine",), torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)
+
+
+def test_per_class_plan_uses_augmented_labels(spread_release, tmp_path):
+    # The plan and the shards must both label the transformed image; otherwise the shards'
+    # labels would differ from the plan and the build would stop.
+    build(spread_release, tmp_path / "plain", per_class=2, shard_size=8)
+    build(spread_release, tmp_path / "affine", per_class=2, shard_size=8, augment="affine")
+    rows = read_rows(tmp_path / "affine")
+    assert np.bincount(rows.column("label").to_numpy(), minlength=10).tolist() == [2] * 10
+    assert rows.column("image").to_pylist() != read_rows(tmp_path / "plain").column("image").to_pylist()
+
+
+def test_resume_rejects_other_augment(run_dir, tmp_path):
+    build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256)
+    with pytest.raises(BuildError, match="augment"):
+        build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256, augment="affine", resume=True)
+
+
 def test_fewer_rows_are_a_prefix(reference, run_dir, tmp_path):
     build(run_dir, tmp_path / "prefix", num_samples=300, shard_size=300)
     same_rows(read_rows(tmp_path / "prefix"), read_rows(reference).slice(0, 300))
@@ -495,6 +568,8 @@ def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     (["--num-samples", "10", "--shard-size", "-1"], "--shard-size must be an integer >= 1"),
     (["--num-samples", "10", "--seed", "-1"], "--seed must be an integer >= 0"),
     (["--num-samples", "10", "--precision", "float16"], "--precision must be one of float32, bfloat16, got 'float16'"),
+    (["--num-samples", "10", "--augment", "rotate"], "--augment must be 'none' or names from affine, hflip"),
+    (["--num-samples", "10", "--augment", "affine+affine"], "(each once)"),
     (["--num-samples", "10", "--split", "../escape"], "--split must be a plain name"),
     (["--num-samples", "10", "--split", "a/b"], "--split must be a plain name"),
     (["--num-samples", "10", "--push-to-hub", "tester/../escape"], "dataset repository NAMESPACE/NAME"),
