@@ -140,19 +140,26 @@ def test_shard_size_does_not_change_rows(reference, run_dir, tmp_path):
     same_rows(read_rows(tmp_path / "shards"), read_rows(reference))
 
 
-def test_bfloat16_build_is_deterministic_and_close(reference, run_dir, tmp_path):
-    # bfloat16 is another definition of the dataset: the same rows in any shard size and thread
-    # count, and images within a few 8-bit levels of the float32 ones.
+def build_twice_and_compare(run_dir, first, second, **settings):
+    """Build ROWS rows into `first` with 1 thread and shards of 256, and into `second` with 2 threads
+    and shards of 97; check that the rows are equal and return them."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        build(run_dir, tmp_path / "bf16-a", num_samples=ROWS, shard_size=256, precision="bfloat16")
+        build(run_dir, first, num_samples=ROWS, shard_size=256, **settings)
         torch.set_num_threads(2)
-        build(run_dir, tmp_path / "bf16-b", num_samples=ROWS, shard_size=97, precision="bfloat16")
+        build(run_dir, second, num_samples=ROWS, shard_size=97, **settings)
     finally:
         torch.set_num_threads(threads)
-    first, second = read_rows(tmp_path / "bf16-a"), read_rows(tmp_path / "bf16-b")
-    same_rows(first, second)
+    rows = read_rows(first)
+    same_rows(rows, read_rows(second))
+    return rows
+
+
+def test_bfloat16_build_is_deterministic_and_close(reference, run_dir, tmp_path):
+    # bfloat16 is another definition of the dataset: the same rows in any shard size and thread
+    # count, and images within a few 8-bit levels of the float32 ones.
+    first = build_twice_and_compare(run_dir, tmp_path / "bf16-a", tmp_path / "bf16-b", precision="bfloat16")
     manifest = json.loads((tmp_path / "bf16-a" / MANIFEST_FILE).read_text())
     assert manifest["settings"]["precision"] == "bfloat16"
     assert "bfloat16" in manifest["sampler"]
@@ -172,16 +179,7 @@ def test_resume_rejects_other_precision(run_dir, tmp_path):
 
 def test_hflip_build_mirrors_and_relabels(reference, run_dir, student, tmp_path):
     # A mirror is exact on 8-bit images, so every row is the reference row or its mirror image.
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        build(run_dir, tmp_path / "flip-a", num_samples=ROWS, shard_size=256, augment="hflip")
-        torch.set_num_threads(2)
-        build(run_dir, tmp_path / "flip-b", num_samples=ROWS, shard_size=97, augment="hflip")
-    finally:
-        torch.set_num_threads(threads)
-    rows = read_rows(tmp_path / "flip-a")
-    same_rows(rows, read_rows(tmp_path / "flip-b"))
+    rows = build_twice_and_compare(run_dir, tmp_path / "flip-a", tmp_path / "flip-b", augment="hflip")
     plain, flipped = decode_images(read_rows(reference)), decode_images(rows)
     mirrored = np.array([np.array_equal(a, b[..., ::-1]) and not np.array_equal(a, b)
                          for a, b in zip(flipped, plain)])
