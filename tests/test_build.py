@@ -177,6 +177,13 @@ def test_resume_rejects_other_precision(run_dir, tmp_path):
         build(run_dir, tmp_path / "ds", num_samples=300, shard_size=256, precision="bfloat16", resume=True)
 
 
+def assert_student_labels(student, images, rows) -> None:
+    """Check that each row's label is the student's prediction on its decoded 8-bit image."""
+    with torch.no_grad():
+        predicted = student(torch.from_numpy(images).double() / 255).argmax(dim=1)
+    assert rows.column("label").to_pylist() == predicted.tolist()
+
+
 def test_hflip_build_mirrors_and_relabels(reference, run_dir, student, tmp_path):
     # A mirror is exact on 8-bit images, so every row is the reference row or its mirror image.
     rows = build_twice_and_compare(run_dir, tmp_path / "flip-a", tmp_path / "flip-b", augment="hflip")
@@ -186,9 +193,7 @@ def test_hflip_build_mirrors_and_relabels(reference, run_dir, student, tmp_path)
     unchanged = np.array([np.array_equal(a, b) for a, b in zip(flipped, plain)])
     assert (mirrored | unchanged).all()
     assert 0.4 < mirrored.mean() < 0.6  # probability 1/2 over 600 rows
-    with torch.no_grad():
-        predicted = student(torch.from_numpy(flipped).double() / 255).argmax(dim=1)
-    assert rows.column("label").to_pylist() == predicted.tolist()
+    assert_student_labels(student, flipped, rows)
     manifest = json.loads((tmp_path / "flip-a" / MANIFEST_FILE).read_text())
     assert manifest["settings"]["augment"] == "hflip"
     assert "horizontal mirror" in manifest["sampler"]
@@ -223,6 +228,20 @@ def test_affine_shift_within_stated_range():
     assert mass.max() < 4 * 1.1**2 * 1.1
     again = augment_images(images, ("affine",), torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)
+
+
+def test_affine_build_is_deterministic(reference, run_dir, student, tmp_path):
+    # Bilinear resampling sums in an order that may depend on the thread count, so the rows of
+    # both builds must match bit for bit and the labels must be the student's on the written images.
+    rows = build_twice_and_compare(run_dir, tmp_path / "affine-a", tmp_path / "affine-b", augment="affine+hflip")
+    images = decode_images(rows)
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(images, decode_images(read_rows(reference)))])
+    assert changed.mean() > 0.9
+    assert_student_labels(student, images, rows)
+    manifest = json.loads((tmp_path / "affine-a" / MANIFEST_FILE).read_text())
+    assert manifest["settings"]["augment"] == "affine+hflip"
+    assert "affine transform" in manifest["sampler"]
+    assert "horizontal mirror" in manifest["sampler"]
 
 
 def test_per_class_plan_uses_augmented_labels(spread_release, tmp_path):
