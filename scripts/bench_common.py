@@ -53,7 +53,11 @@ def record(benchmark: str, metric: str, value, **fields) -> dict:
     return base
 
 
-def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] = ("metric", "unit", "mechanism", "epsilon", "method", "dataset"),
+# Fields that identify a record: a new record replaces an older one with the same values.
+REPLACE_KEYS = ("metric", "unit", "mechanism", "epsilon", "method", "dataset")
+
+
+def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] = REPLACE_KEYS,
                   results_dir: Path | None = None) -> Path:
     """Merge `records` into <results_dir>/<name>.json, replacing records with the same key fields.
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import record, write_records  # noqa: E402
+from bench_common import REPLACE_KEYS, record, write_records  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--note", default="", help="text added to the record's note")
     parser.add_argument("--augment", default="none",
                         help="transforms before labelling, as `synthgen build-dataset --augment` (default none); "
-                             "give the record its own --method")
+                             "stored in the record's augment field")
     parser.add_argument("--method", default="synthgen",
                         help="method name of the record; runs of one teacher with other settings need their own")
     args = parser.parse_args()
@@ -99,6 +99,12 @@ def main() -> int:
         parser.error(f"{report_path} not found; give a finished transcription run folder")
     if args.samples < 2:
         parser.error(f"--samples must be >= 2, got {args.samples}")
+    from synthgen.sampling import SamplingError, parse_augment
+
+    try:
+        augment = parse_augment(args.augment)
+    except SamplingError as error:
+        parser.error(str(error))
     report = json.loads(report_path.read_text())
 
     import torch
@@ -134,7 +140,7 @@ def main() -> int:
         unit=report.get("unit"), mechanism=mechanism, epsilon=report.get("epsilon") if report.get("private") else None,
         delta=report.get("delta") if report.get("private") else None,
         spread=round(result.test_accuracy_std, 2) if result.test_accuracy_std is not None else None, seeds=args.seeds,
-        run=str(run), samples=args.samples, sample_seed=args.seed, augment=args.augment, train_rows=result.train_rows,
+        run=str(run), samples=args.samples, sample_seed=args.seed, train_rows=result.train_rows,
         validation_rows=result.validation_rows, test_rows=result.test_rows,
         validation_accuracy=round(result.validation_accuracy, 2), per_seed=result.per_seed,
         student_accuracy=student, gap_to_student=round(student - result.test_accuracy, 2) if student else None,
@@ -142,7 +148,11 @@ def main() -> int:
         build_seconds=round(build_seconds, 1), evaluate_seconds=round(evaluate_seconds, 1),
         note=f"{note}{'; ' + args.note if args.note else ''}",
     )
-    path = write_records("synthetic_utility", [entry])
+    if augment:
+        entry["augment"] = "+".join(augment)
+    # A record replaces an older one only with the same augmentation (absent on plain builds), so
+    # an augmented run never overwrites the plain number of the same run settings.
+    path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment",))
     logger.info("synthetic accuracy %.2f%% (student %s%%), %s, epsilon %s; wrote %s", result.test_accuracy, student,
                 entry["unit"] or "not private", entry["epsilon"], path)
     return 0

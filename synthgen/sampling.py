@@ -32,7 +32,8 @@ CPU_CHUNK = 32  # images per forward pass on a CPU; any value gives the same out
 # float32 (torch 2.13). Its images differ slightly, so the precision is part of a dataset's definition.
 PRECISIONS = ("float32", "bfloat16")
 SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a block's latents come from a CPU "
-           "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'); images "
+           "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'), read "
+           "little-endian with the top bit cleared; images "
            "rounded to 8 bits; labels and confidences from the student in float64")
 # Samples a per-class plan may draw before it gives up, per requested row (as DPSDPipeline does).
 MAX_DRAWS_PER_ROW = 100
@@ -42,6 +43,8 @@ MAX_DRAWS_PER_ROW = 100
 # "affine": a random rotation, scale, horizontal shear and shift, in the ranges below, with
 # bilinear resampling and black outside the image.
 # "hflip": a mirror image with probability 1/2, for classes that look alike mirrored (clothing).
+# The ranges, and which uniform number sets which parameter (see affine_forward), define every
+# dataset built with "affine": never change them, add a transform under a new name instead.
 AUGMENTATIONS = ("affine", "hflip")
 AFFINE_ROTATION_DEGREES = 12.0  # either way
 AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
@@ -92,7 +95,42 @@ def describe_augment(spec: str | None) -> str:
     if not parts:
         return ""
     return ("before labelling, each image gets " + " and ".join(parts) + ", drawn from a CPU torch.Generator seeded "
-            "with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>/augment')")
+            "as the latents are, from sha256('synthgen-dataset/<seed>/<block>/augment')")
+
+
+def affine_forward(uniform):
+    """Return the forward maps (B, 2, 2) and shifts (B, 2) of "affine" from uniform numbers (B, 6) in [-1, 1).
+
+    The map is scale * rotation * shear in affine_grid's coordinates (x to the right, y down, a square image's side
+    spans 2), so the stated ranges hold for the image as written. Column 0 sets the angle, 1 the scale,
+    2 the horizontal shear and 3 and 4 the shift; column 5 is the mirror's.
+    """
+    import torch
+
+    angle = uniform[:, 0] * math.radians(AFFINE_ROTATION_DEGREES)
+    scale = 1 + uniform[:, 1] * AFFINE_SCALE
+    shear = uniform[:, 2] * AFFINE_SHEAR
+    shift = uniform[:, 3:5] * AFFINE_SHIFT * 2
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.stack([torch.stack([cos, -sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
+    shearing = torch.zeros_like(rotation)
+    shearing[:, 0, 0] = 1
+    shearing[:, 1, 1] = 1
+    shearing[:, 0, 1] = shear
+    return scale[:, None, None] * (rotation @ shearing), shift
+
+
+def invert_2x2(matrices):
+    """Return the inverses of 2x2 matrices (B, 2, 2) by the adjugate formula.
+
+    It uses only elementwise operations, so the result does not depend on the thread count.
+    """
+    import torch
+
+    a, b, c, d = matrices[:, 0, 0], matrices[:, 0, 1], matrices[:, 1, 0], matrices[:, 1, 1]
+    determinant = a * d - b * c
+    adjugate = torch.stack([torch.stack([d, -b], dim=1), torch.stack([-c, a], dim=1)], dim=1)
+    return adjugate / determinant[:, None, None]
 
 
 def augment_images(images, names: tuple[str, ...], rng):
@@ -111,16 +149,12 @@ def augment_images(images, names: tuple[str, ...], rng):
     out = images
     if "affine" in names:
         wide = images.to(torch.float64)
-        angle = uniform[:, 0] * math.radians(AFFINE_ROTATION_DEGREES)
-        scale = 1 + uniform[:, 1] * AFFINE_SCALE
-        shear = uniform[:, 2] * AFFINE_SHEAR
-        shift = uniform[:, 3:5] * AFFINE_SHIFT * 2  # affine_grid's coordinates span [-1, 1]: the side is 2
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        # theta maps output coordinates to input coordinates (affine_grid's convention): input =
-        # A (output - shift), so the image centre moves by exactly `shift`.
-        matrix = torch.stack([torch.stack([cos, shear - sin], dim=1), torch.stack([sin, cos], dim=1)], dim=1)
-        offset = -(matrix @ shift[:, :, None])  # (B, 2, 1)
-        theta = torch.cat([matrix, offset], dim=2).to(images.device)  # (B, 2, 3)
+        forward, shift = affine_forward(uniform)
+        # affine_grid's theta maps output coordinates to input coordinates: output = F input + shift,
+        # so input = F^-1 (output - shift), and the image centre moves by exactly `shift`.
+        inverse = invert_2x2(forward)
+        offset = -(inverse @ shift[:, :, None])  # (B, 2, 1)
+        theta = torch.cat([inverse, offset], dim=2).to(images.device)  # (B, 2, 3)
         parts = []
         for start in range(0, count, CPU_CHUNK):
             part = wide[start:start + CPU_CHUNK]

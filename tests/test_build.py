@@ -230,6 +230,32 @@ def test_affine_shift_within_stated_range():
     assert torch.equal(moved, again)
 
 
+def test_affine_map_within_stated_ranges():
+    from synthgen.sampling import (AFFINE_ROTATION_DEGREES, AFFINE_SCALE, AFFINE_SHEAR, affine_forward,
+                                   invert_2x2)
+
+    # Uniform numbers at both ends and inside; the map F = s R(angle) Shear(h) is factored back:
+    # det F = s^2, F's first column / s is the rotation's, and R^T F / s is the shear matrix.
+    corners = torch.tensor([[sign_a, sign_s, sign_h, 0, 0, 0] for sign_a in (-1, 1) for sign_s in (-1, 1)
+                            for sign_h in (-1, 1)], dtype=torch.float64)
+    uniform = torch.cat([corners, torch.rand(256, 6, generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.float64) * 2 - 1])
+    forward, _ = affine_forward(uniform)
+    scale = torch.linalg.det(forward).sqrt()
+    angle = torch.rad2deg(torch.atan2(forward[:, 1, 0], forward[:, 0, 0]))
+    cos, sin = forward[:, 0, 0] / scale, forward[:, 1, 0] / scale
+    shear = (cos * forward[:, 0, 1] + sin * forward[:, 1, 1]) / scale
+    assert torch.allclose(angle, uniform[:, 0] * AFFINE_ROTATION_DEGREES)
+    assert torch.allclose(scale, 1 + uniform[:, 1] * AFFINE_SCALE)
+    assert torch.allclose(shear, uniform[:, 2] * AFFINE_SHEAR)
+    assert angle.abs().max() == pytest.approx(AFFINE_ROTATION_DEGREES)
+    assert shear.abs().max() == pytest.approx(AFFINE_SHEAR)
+    assert scale.min() == pytest.approx(1 - AFFINE_SCALE)
+    assert scale.max() == pytest.approx(1 + AFFINE_SCALE)
+    identity = torch.eye(2, dtype=torch.float64).expand(len(uniform), 2, 2)
+    assert torch.allclose(invert_2x2(forward) @ forward, identity)
+
+
 def test_affine_build_is_deterministic(reference, run_dir, student, tmp_path):
     # Bilinear resampling sums in an order that may depend on the thread count, so the rows of
     # both builds must match bit for bit and the labels must be the student's on the written images.
