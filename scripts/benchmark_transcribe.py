@@ -210,8 +210,12 @@ def run_transcription(args, teacher: Path, data: str, name: str, records: list, 
                   delta=report.get("delta"), seeds=1)
     if settings.get("student_init") == "teacher":
         common["method"] = "synthgen-scatter-copy" + method_suffix
+    # A teacher trained again draws fresh DP noise, and its record replaces the earlier one of the
+    # same seed, so each student record keeps the accuracy of the teacher it was transcribed from.
+    teacher_meta = Path(teacher) / "synthgen_teacher.json"
+    teacher_accuracy = json.loads(teacher_meta.read_text()).get("test_accuracy") if teacher_meta.is_file() else None
     records.append(record("transcribe", "student_accuracy", report["evaluation"]["student_accuracy"], **common,
-                          steps=report["steps"], queries=report["queries"],
+                          steps=report["steps"], queries=report["queries"], teacher_accuracy=teacher_accuracy,
                           note="full real test split (evaluation on private data)"))
     records.append(record("transcribe", "transcribe_seconds", round(seconds, 1), **common, steps=report["steps"],
                           queries=report["queries"]))
