@@ -92,7 +92,10 @@ def run_fields(report: dict) -> dict:
 def speed_records(report: dict, dataset: str, seed: int, **fields) -> list[dict]:
     """Return transcribe_seconds, steps_per_second and queries_per_second of one finished run."""
     seconds = max(float(report["wall_seconds"]), 1e-9)
-    common = dict(dataset=dataset, seed=seed, steps=report["steps"], queries=report["queries"], **fields)
+    # The method names the run's settings, so that runs of one teacher with other settings keep
+    # their own speed records.
+    common = dict(dataset=dataset, seed=seed, steps=report["steps"], queries=report["queries"],
+                  method="synthgen" + run_tag(report), **fields)
     return [
         record("speed", "transcribe_seconds", round(seconds, 1), **common),
         record("speed", "steps_per_second", round(report["steps"] / seconds, 3), **common),
@@ -135,8 +138,10 @@ def aggregate(records: list[dict], targets: list[float]) -> list[dict]:
             spread, seed_count = first.get("spread"), first.get("seeds") or 1
         else:
             spread, seed_count = round(statistics.stdev(values), 2), len(values)
+        # The mean keeps where its seeds were measured, not where this summary was computed.
+        sources = {name: "; ".join(sorted({str(e.get(name)) for e in entries})) for name in ("commit", "hardware")}
         summary.append(record(
-            "utility", first["metric"], round(statistics.fmean(values), 2),
+            "utility", first["metric"], round(statistics.fmean(values), 2), **sources,
             spread=spread, seeds=seed_count,
             dataset=first["dataset"], method=first["method"], mechanism=first["mechanism"], unit=first["unit"],
             epsilon=max(spent) if spent else None, target_epsilon=key[-1], delta=first["delta"], seed_values=seeds,
@@ -147,6 +152,23 @@ def aggregate(records: list[dict], targets: list[float]) -> list[dict]:
                                                      e["unit"], e["epsilon"]]))
 
 
+def run_tag(report: dict) -> str:
+    """Return the suffix that distinguishes a run's teacher and generator settings, e.g. "-scatter-20ep-adv0-g4"."""
+    # Scattering teachers share mechanism, unit and epsilon with the pixel DP teacher; name them apart.
+    teacher = report.get("teacher_dp") or {}
+    tag = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
+    # Runs of one teacher with other generator losses make very different images: name the
+    # settings that differ from the defaults (stroke prior 0, adversarial weight 1, 1 generator step).
+    hyperparameters = (report.get("public_facts") or {}).get("hyperparameters", {})
+    prior = hyperparameters.get("stroke_prior_weight")
+    adversarial = hyperparameters.get("adversarial_weight", 1.0)
+    generator_steps = hyperparameters.get("generator_steps", 1)
+    tag += f"-stroke-prior{prior:g}" if prior else ""
+    tag += f"-adv{adversarial:g}" if adversarial != 1.0 else ""
+    tag += f"-g{generator_steps}" if generator_steps != 1 else ""
+    return tag
+
+
 def copy_grid(run_dir: Path, plots: Path, dataset: str, fields: dict) -> None:
     """Copy a run's per-class sample grid into the plots folder under a name that says what it is."""
     grid = run_dir / "samples.png"
@@ -154,15 +176,9 @@ def copy_grid(run_dir: Path, plots: Path, dataset: str, fields: dict) -> None:
         return
     epsilon = "none" if fields["epsilon"] is None else f"eps{fields['epsilon']:.2g}"
     unit = fields["unit"] or "not-private"
-    # Scattering teachers share mechanism, unit and epsilon with the pixel DP teacher; name them apart.
-    report = json.loads((run_dir / "privacy_report.json").read_text())
-    teacher = report.get("teacher_dp") or {}
-    frontend = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
-    # Runs of one teacher with and without the stroke prior make very different images.
-    prior = (report.get("public_facts") or {}).get("hyperparameters", {}).get("stroke_prior_weight")
-    frontend += f"-stroke-prior{prior:g}" if prior else ""
+    tag = run_tag(json.loads((run_dir / "privacy_report.json").read_text()))
     plots.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}{frontend}.png")
+    shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}{tag}.png")
 
 
 def check_records(records: list[dict]) -> None:
