@@ -44,7 +44,7 @@ MAX_DRAWS_PER_ROW = 100
 # bilinear resampling and black outside the image.
 # "hflip": a mirror image with probability 1/2, for classes that look alike mirrored (clothing).
 # The ranges, and which uniform number sets which parameter (see affine_forward), define every
-# dataset built with "affine": never change them, add a transform under a new name instead.
+# dataset built with "affine". Never change them: add a transform under a new name instead.
 AUGMENTATIONS = ("affine", "hflip")
 AFFINE_ROTATION_DEGREES = 12.0  # either way
 AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
