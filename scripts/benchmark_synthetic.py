@@ -13,7 +13,7 @@
 
 Usage:
     python scripts/benchmark_synthetic.py RUN --real-test mnist [--samples 60000] [--seeds 1] [--epochs 10]
-        [--augment affine --method NAME]
+        [--augment affine --method NAME] [--targets soft [--temperature 4]]
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ def main() -> int:
     parser.add_argument("--augment", default="none",
                         help="transforms before labelling, as `synthgen build-dataset --augment` (default none); "
                              "stored in the record's augment field")
+    parser.add_argument("--targets", default="hard", choices=("hard", "soft"),
+                        help="what the classifier learns, as `synthgen evaluate synthetic --targets` (default hard); "
+                             "soft is stored in the record's targets field")
+    parser.add_argument("--temperature", type=float, default=4.0, help="distillation temperature of --targets soft")
     parser.add_argument("--method", default="synthgen",
                         help="method name of the record; runs of one teacher with other settings need their own")
     args = parser.parse_args()
@@ -109,7 +113,7 @@ def main() -> int:
 
     import torch
 
-    from synthgen.evaluate import CLASSIFIER, EvaluateConfig, evaluate_synthetic
+    from synthgen.evaluate import EvaluateConfig, describe_classifier, evaluate_synthetic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,9 +125,10 @@ def main() -> int:
         real_test = real_test_path(args.real_test)
         name = args.dataset_name or Path(args.real_test).name.lower()
         started = time.perf_counter()
-        result = evaluate_synthetic(EvaluateConfig(dataset=str(dataset), real_test=real_test, epochs=args.epochs,
-                                                   seeds=args.seeds, device="cpu", dataset_name=name, results="",
-                                                   record=False))
+        config = EvaluateConfig(dataset=str(dataset), real_test=real_test, epochs=args.epochs, seeds=args.seeds,
+                                device="cpu", dataset_name=name, results="", record=False, targets=args.targets,
+                                temperature=args.temperature)
+        result = evaluate_synthetic(config)
         evaluate_seconds = time.perf_counter() - started
     finally:
         if not args.work:
@@ -131,7 +136,8 @@ def main() -> int:
 
     student = (report.get("evaluation") or {}).get("student_accuracy")
     mechanism = (report.get("mechanism") or {}).get("name")
-    note = ("fixed classifier trained only on the synthetic rows (labels from the student), epoch chosen on a "
+    learns = ("the student's probabilities as soft targets" if args.targets == "soft" else "labels from the student")
+    note = (f"fixed classifier trained only on the synthetic rows ({learns}), epoch chosen on a "
             "synthetic validation split, real test split scored once per seed; evaluation on real data, not covered "
             "by the privacy guarantee")
     entry = record(
@@ -144,15 +150,17 @@ def main() -> int:
         validation_rows=result.validation_rows, test_rows=result.test_rows,
         validation_accuracy=round(result.validation_accuracy, 2), per_seed=result.per_seed,
         student_accuracy=student, gap_to_student=round(student - result.test_accuracy, 2) if student else None,
-        classifier=CLASSIFIER, epochs=args.epochs, threads=torch.get_num_threads(),
+        classifier=describe_classifier(config), epochs=args.epochs, threads=torch.get_num_threads(),
         build_seconds=round(build_seconds, 1), evaluate_seconds=round(evaluate_seconds, 1),
         note=f"{note}{'; ' + args.note if args.note else ''}",
     )
     if augment:
         entry["augment"] = "+".join(augment)
-    # A record replaces an older one only with the same augmentation (absent on plain builds), so
-    # an augmented run never overwrites the plain number of the same run settings.
-    path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment",))
+    if args.targets == "soft":
+        entry["targets"] = f"soft, T={args.temperature:g}"
+    # A record replaces an older one only with the same augmentation and targets (both absent on
+    # plain builds with hard labels), so a variant never overwrites the plain number of a run.
+    path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment", "targets"))
     logger.info("synthetic accuracy %.2f%% (student %s%%), %s, epsilon %s; wrote %s", result.test_accuracy, student,
                 entry["unit"] or "not private", entry["epsilon"], path)
     return 0

@@ -48,7 +48,9 @@ from .sampling import (BLOCK_SIZE, PRECISIONS, SAMPLER, SamplingError, describe_
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "synthgen-dataset/1"
+# Version of the build's layout. 2 added the probabilities column, so shards of a format-1 build
+# and of this one cannot be mixed in one dataset.
+FORMAT = "synthgen-dataset/2"
 MANIFEST_FILE = "synthgen_dataset.json"
 CARD_FILE = "README.md"
 DATA_DIR = "data"
@@ -166,7 +168,7 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def dataset_features(class_names: list[str]):
-    from datasets import ClassLabel, Features, Image, Value
+    from datasets import ClassLabel, Features, Image, Sequence, Value
 
     return Features({
         "image": Image(),
@@ -176,6 +178,9 @@ def dataset_features(class_names: list[str]):
         "seed": Value("int64"),
         "sample_index": Value("int64"),
         "confidence": Value("float32"),
+        # The student's softmax over all classes: soft targets for distillation. Post-processing
+        # of the student, like the label.
+        "probabilities": Sequence(Value("float32"), length=len(class_names)),
     })
 
 
@@ -217,13 +222,14 @@ def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance:
 
     from .data import encode_png
 
-    images, labels, confidences = [], [], []
+    images, labels, confidences, probabilities = [], [], [], []
     for index in indices.tolist():
-        pixels, block_labels, block_confidences = cache.get(index // BLOCK_SIZE)
+        pixels, block_labels, block_confidences, block_probabilities = cache.get(index // BLOCK_SIZE)
         offset = index % BLOCK_SIZE
         images.append({"bytes": encode_png(pixels[offset]), "path": None})
         labels.append(int(block_labels[offset]))
         confidences.append(float(block_confidences[offset]))
+        probabilities.append(block_probabilities[offset].tolist())
     if planned_labels is not None and not np.array_equal(np.asarray(labels), planned_labels):
         raise BuildError(f"the student's labels for shard {path.name} differ from the per-class plan made at the start "
                          "of the build; the generator or the student is not deterministic on this device")
@@ -235,6 +241,7 @@ def write_shard(path: Path, indices: np.ndarray, cache: _BlockCache, provenance:
         "seed": [provenance["seed"]] * len(labels),
         "sample_index": indices.tolist(),
         "confidence": confidences,
+        "probabilities": probabilities,
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -319,6 +326,10 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
         raise BuildError(f"--resume was given but {out} contains no {MANIFEST_FILE}, so there is no synthgen build to "
                          "continue; choose an empty folder or pass --overwrite")
     previous = manifest.get("settings") or {}
+    if previous.get("format") != FORMAT:
+        raise BuildError(f"cannot resume the build in {out}: it was started in the layout {previous.get('format')!r}, "
+                         f"and this synthgen writes {FORMAT!r}, whose shards have other columns. Finish it with the "
+                         "synthgen version that started it, or pass --overwrite to build it again")
     changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
     if changed:
         details = ", ".join(f"{key}: {previous.get(key)!r} then, {settings.get(key)!r} now" for key in changed)

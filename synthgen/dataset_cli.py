@@ -106,8 +106,8 @@ def _cmd_evaluate(args) -> int:
     config = EvaluateConfig(
         dataset=args.dataset, real_test=args.real_test, split=args.split, real_split=args.real_split,
         revision=args.revision, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        validation_fraction=args.validation_fraction, seed=args.seed, seeds=args.seeds, limit=args.limit,
-        device=args.device, dataset_name=args.dataset_name, results=args.results, catalog=args.catalog,
+        validation_fraction=args.validation_fraction, targets=args.targets, temperature=args.temperature,
+        seed=args.seed, seeds=args.seeds, limit=args.limit, device=args.device, dataset_name=args.dataset_name, results=args.results, catalog=args.catalog,
         record=not args.no_catalog,
     )
     result = evaluate_synthetic(config)
@@ -215,6 +215,12 @@ def _add_evaluate(commands) -> None:
     synthetic.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     synthetic.add_argument("--validation-fraction", type=float, default=0.1,
                            help="fraction of synthetic rows held out to choose the epoch (default 0.1)")
+    synthetic.add_argument("--targets", default="hard", choices=("hard", "soft"),
+                           help="'hard': learn the label column (default); 'soft': learn the student's probabilities "
+                                "column by distillation at --temperature (datasets built by synthgen-dataset/2 or "
+                                "later)")
+    synthetic.add_argument("--temperature", type=float, default=4.0,
+                           help="distillation temperature of --targets soft (default 4)")
     synthetic.add_argument("--seed", type=_integer, default=0, help="first seed (default 0)")
     synthetic.add_argument("--seeds", type=_integer, default=1,
                            help="classifiers to train, with seeds SEED, SEED+1, ...; reports mean and std (default 1)")

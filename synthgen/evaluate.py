@@ -31,9 +31,25 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_WIDTH = 32
 CLASSIFIER_HIDDEN = 128
 CLASSIFIER = f"synthgen Classifier (width {CLASSIFIER_WIDTH}, hidden {CLASSIFIER_HIDDEN}), Adam"
+
+
+def describe_classifier(config: "EvaluateConfig") -> str:
+    """Return the classifier and what it learns from, as recorded in result records and the catalog."""
+    if config.targets == "soft":
+        return f"{CLASSIFIER}, soft targets (the student's probabilities at temperature {config.temperature:g})"
+    return CLASSIFIER
 RESULTS_FILE = Path("benchmarks") / "results" / "synthetic_utility.json"
 # Fields that identify a result record; a new record replaces an old one with the same values.
-_RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon", "method", "synthetic_dataset")
+# "targets" is stored only for soft targets, so records of hard labels keep the key they had.
+_RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon", "method", "synthetic_dataset",
+               "targets")
+# What the classifier learns from: "hard", the label column (cross-entropy); "soft", the
+# probabilities column, the student's softmax, sharpened or flattened by a temperature T as in
+# Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network" (2015): the targets are
+# softmax(log p / T), the classifier's logits are divided by T, and the loss is scaled by T^2 so
+# that its gradients keep their size across temperatures.
+TARGETS = ("hard", "soft")
+PROBABILITY_FLOOR = 1e-30  # float32 probabilities that underflowed to 0 get this before the logarithm
 
 
 class EvaluationError(ValueError):
@@ -53,6 +69,8 @@ class EvaluateConfig:
     batch_size: int = 128
     lr: float = 1e-3  # Adam learning rate
     validation_fraction: float = 0.1  # synthetic rows held out for epoch selection
+    targets: str = "hard"  # "hard" (label column) or "soft" (probabilities column); see TARGETS
+    temperature: float = 4.0  # distillation temperature of soft targets
     seed: int = 0  # first seed; seed i of `seeds` is seed + i
     seeds: int = 1  # classifiers trained; the record gives their mean and standard deviation
     limit: int | None = None  # use only the first `limit` synthetic rows
@@ -88,7 +106,11 @@ def _manifest_of(folder: Path) -> dict | None:
 
 
 def load_synthetic(source: str, split: str = "train", revision: str | None = None):
-    """Load a synthetic dataset as ImageData, with its build manifest when it has one."""
+    """Load a synthetic dataset as (ImageData, build manifest or None, probabilities or None).
+
+    The probabilities are the float32 array (N, classes) of the dataset's probabilities column,
+    or None when it has none (builds of synthgen-dataset/1 and other datasets).
+    """
     import datasets
 
     from .data import dataset_to_image_data
@@ -119,7 +141,19 @@ def load_synthetic(source: str, split: str = "train", revision: str | None = Non
     else:
         raise FileNotFoundError(f"synthetic dataset {source!r} not found: give a build folder, a parquet file or a "
                                 "Hub dataset id NAMESPACE/NAME")
-    return dataset_to_image_data(table, source, split), manifest
+    return dataset_to_image_data(table, source, split), manifest, _probabilities(table)
+
+
+def _probabilities(table) -> np.ndarray | None:
+    """Return the probabilities column of a datasets.Dataset as float32 (N, classes), or None."""
+    if "probabilities" not in table.column_names:
+        return None
+    column = table.data.column("probabilities")  # a chunked arrow array of lists
+    flat = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    values = np.concatenate(flat).astype(np.float32) if flat else np.zeros(0, dtype=np.float32)
+    if len(table) == 0 or values.size % len(table):
+        raise EvaluationError("the probabilities column does not hold the same number of classes in every row")
+    return values.reshape(len(table), -1)
 
 
 def _hub_manifest(repo_id: str, revision: str | None) -> dict | None:
@@ -147,8 +181,13 @@ def split_validation(count: int, fraction: float, seed: int) -> tuple[np.ndarray
 # ---------------------------------------------------------------- training
 
 
-def train_and_select(train, validation, num_classes: int, config: EvaluateConfig, seed: int, device):
-    """Train the fixed classifier on `train` and return it at the epoch with the best `validation` accuracy."""
+def train_and_select(train, validation, num_classes: int, config: EvaluateConfig, seed: int, device,
+                     soft_targets: np.ndarray | None = None):
+    """Train the fixed classifier on `train` and return it at the epoch with the best `validation` accuracy.
+
+    With `soft_targets` (float32 probabilities (len(train), classes)) the classifier learns them at
+    `config.temperature` (see TARGETS); the validation accuracy is still against the labels.
+    """
     import torch
     from torch.nn import functional as F
     from tqdm.auto import tqdm
@@ -163,6 +202,10 @@ def train_and_select(train, validation, num_classes: int, config: EvaluateConfig
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     images = torch.from_numpy(train.images)
     labels = torch.from_numpy(train.labels)
+    temperature = config.temperature
+    if soft_targets is not None:
+        log_probabilities = torch.from_numpy(soft_targets).clamp_min(PROBABILITY_FLOOR).log()
+        targets = torch.softmax(log_probabilities / temperature, dim=1)
     shuffle = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(train) / config.batch_size)
     best = (-1.0, 0, None)  # (validation accuracy, epoch, state)
@@ -173,7 +216,10 @@ def train_and_select(train, validation, num_classes: int, config: EvaluateConfig
             for start in range(0, len(train), config.batch_size):
                 batch = order[start:start + config.batch_size]
                 logits = model(images[batch].to(device).float() / 255)
-                loss = F.cross_entropy(logits, labels[batch].to(device))
+                if soft_targets is None:
+                    loss = F.cross_entropy(logits, labels[batch].to(device))
+                else:
+                    loss = F.cross_entropy(logits / temperature, targets[batch].to(device)) * temperature**2
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -209,6 +255,12 @@ def _validate(config: EvaluateConfig) -> None:
         raise EvaluationError(f"--validation-fraction must be in (0, 1), got {config.validation_fraction!r}")
     if not config.lr > 0:
         raise EvaluationError(f"--lr must be > 0, got {config.lr!r}")
+    if config.targets not in TARGETS:
+        raise EvaluationError(f"--targets must be one of {', '.join(TARGETS)}, got {config.targets!r}")
+    if not (isinstance(config.temperature, (int, float)) and math.isfinite(config.temperature)
+            and config.temperature > 0):
+        raise EvaluationError(f"--temperature must be a finite number > 0, got {config.temperature!r}; "
+                              "distillation commonly uses 4")
 
 
 def evaluate_synthetic(config: EvaluateConfig) -> EvaluationResult:
@@ -225,10 +277,20 @@ def evaluate_synthetic(config: EvaluateConfig) -> EvaluationResult:
     _validate(config)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
-    synthetic, manifest = load_synthetic(config.dataset, config.split, config.revision)
+    synthetic, manifest, probabilities = load_synthetic(config.dataset, config.split, config.revision)
+    if config.targets == "soft":
+        if probabilities is None:
+            raise EvaluationError(f"{config.dataset} has no probabilities column, so it has no soft targets. Build it "
+                                  "again with this synthgen's 'synthgen build-dataset', or pass --targets hard")
+        if probabilities.shape[1] != len(synthetic.class_names):
+            raise EvaluationError(f"the probabilities column has {probabilities.shape[1]} classes but the label "
+                                  f"column {len(synthetic.class_names)}")
+    else:
+        probabilities = None
     if config.limit is not None:
         synthetic = ImageData(synthetic.images[:config.limit], synthetic.labels[:config.limit],
                               synthetic.class_names, synthetic.source, synthetic.split)
+        probabilities = None if probabilities is None else probabilities[:config.limit]
     real = load_image_data(config.real_test, config.real_split)
     _check_compatible(synthetic, real)
     if len(synthetic) < 2:
@@ -242,8 +304,9 @@ def evaluate_synthetic(config: EvaluateConfig) -> EvaluationResult:
         train = ImageData(synthetic.images[train_rows], synthetic.labels[train_rows], synthetic.class_names)
         validation = ImageData(synthetic.images[validation_rows], synthetic.labels[validation_rows],
                                synthetic.class_names)
-        model, validation_accuracy, epoch = train_and_select(train, validation, len(synthetic.class_names), config,
-                                                             seed, device)
+        model, validation_accuracy, epoch = train_and_select(
+            train, validation, len(synthetic.class_names), config, seed, device,
+            None if probabilities is None else probabilities[train_rows])
         test_accuracy = evaluate_accuracy(model, real)  # the only use of the real test split
         logger.info("seed %d: epoch %d selected (synthetic validation %.2f%%), real test accuracy %.2f%%", seed,
                     epoch, validation_accuracy, test_accuracy)
@@ -322,8 +385,9 @@ def _result_record(config: EvaluateConfig, result: EvaluationResult, manifest: d
         "validation_rows": result.validation_rows,
         "test_rows": result.test_rows,
         "validation_accuracy": result.validation_accuracy,
-        "classifier": CLASSIFIER,
+        "classifier": describe_classifier(config),
         "epochs": config.epochs,
+        **({"targets": "soft", "temperature": config.temperature} if config.targets == "soft" else {}),
         "note": "real test split scored once per seed, after epoch selection on a synthetic validation split; "
                 "evaluation on real data, not covered by the privacy guarantee",
     }
@@ -364,7 +428,7 @@ def _save(config: EvaluateConfig, result: EvaluationResult, manifest: dict | Non
     dataset_id = str(local.resolve()) if local.is_dir() else None
     row = {
         "evaluation_id": uuid.uuid4().hex, "dataset": config.dataset, "dataset_id": dataset_id,
-        "real_test": config.real_test, "classifier": CLASSIFIER, "seeds": config.seeds, "epochs": config.epochs,
+        "real_test": config.real_test, "classifier": describe_classifier(config), "seeds": config.seeds, "epochs": config.epochs,
         "train_rows": result.train_rows, "validation_rows": result.validation_rows, "test_rows": result.test_rows,
         "validation_accuracy": result.validation_accuracy, "test_accuracy": result.test_accuracy,
         "test_accuracy_std": result.test_accuracy_std, "unit": result.privacy["unit"],

@@ -167,10 +167,12 @@ def augment_images(images, names: tuple[str, ...], rng):
     return out
 
 
-def draw_block(pipeline, seed: int, block: int, augment: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_block(pipeline, seed: int, block: int,
+               augment: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Generate block `block`, apply the transforms of `augment` (see parse_augment) and label it with the student.
 
-    Returns uint8 pixels (B, C, H, W), int64 labels (B,) and float32 confidences (B,).
+    Returns uint8 pixels (B, C, H, W), int64 labels (B,), float32 confidences (B,) and the
+    student's float32 class probabilities (B, K), whose largest entry is the confidence.
     """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
@@ -192,9 +194,10 @@ def draw_block(pipeline, seed: int, block: int, augment: str | None = None) -> t
             images = augment_images(images.clamp(0, 1), names, augment_rng)
         pixels = (images.clamp(0, 1) * 255).round()  # 8-bit values, still float
         logits = student_logits(student, pixels / 255)  # the student labels the 8-bit image, as in DPSDPipeline
-        confidences, labels = F.softmax(logits.float(), dim=1).max(dim=1)
+        probabilities = F.softmax(logits.float(), dim=1)
+        confidences, labels = probabilities.max(dim=1)
     return (pixels.to(torch.uint8).cpu().numpy(), labels.cpu().numpy().astype(np.int64),
-            confidences.cpu().numpy().astype(np.float32))
+            confidences.cpu().numpy().astype(np.float32), probabilities.cpu().numpy().astype(np.float32))
 
 
 def _chunks(batch):
@@ -260,7 +263,7 @@ def plan_per_class(pipeline, seed: int, per_class: int, class_names: list[str],
     indices: list[int] = []
     labels: list[int] = []
     for block in range(max_blocks):
-        _, block_labels, _ = draw_block(pipeline, seed, block, augment)
+        block_labels = draw_block(pipeline, seed, block, augment)[1]
         for offset, label in enumerate(block_labels.tolist()):
             if counts[label] < per_class:
                 counts[label] += 1

@@ -49,7 +49,7 @@ def subprocess_env(tmp_path) -> dict:
 
 def same_rows(left, right) -> None:
     assert left.num_rows == right.num_rows
-    for name in ("sample_index", "label", "confidence", "seed", "generator", "generator_commit"):
+    for name in ("sample_index", "label", "confidence", "probabilities", "seed", "generator", "generator_commit"):
         assert left.column(name).to_pylist() == right.column(name).to_pylist(), name
     assert left.column("image").to_pylist() == right.column("image").to_pylist()
 
@@ -68,7 +68,8 @@ def test_build_loads_with_datasets_parquet(reference, run_dir, tmp_path):
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert dataset.features["label"].names == report["public_facts"]["class_names"]
     assert set(dataset.column_names) == {"image", "label", "generator", "generator_commit", "seed", "sample_index",
-                                         "confidence"}
+                                         "confidence", "probabilities"}
+    assert dataset.features["probabilities"].length == len(dataset.features["label"].names)
     picture = dataset[0]["image"]
     assert picture.mode == "L"
     assert picture.size == (28, 28)
@@ -93,6 +94,10 @@ def test_labels_equal_student_predictions(reference, student):
     confidence, predicted = probabilities.max(dim=1)
     assert rows.column("label").to_pylist() == predicted.tolist()
     np.testing.assert_allclose(rows.column("confidence").to_numpy(), confidence.numpy(), rtol=1e-6)
+    stored = np.asarray(rows.column("probabilities").to_pylist(), dtype=np.float32)  # (ROWS, classes)
+    np.testing.assert_allclose(stored, probabilities.numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(stored.max(axis=1), rows.column("confidence").to_numpy())
+    np.testing.assert_allclose(stored.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_images_come_from_per_block_latents(reference, run_dir):
@@ -424,7 +429,7 @@ def test_per_class_takes_first_samples_of_each_class(spread_release, tmp_path):
     expected, block = [], 0
     counts = np.zeros(10, dtype=int)
     while counts.min() < per_class:
-        _, block_labels, _ = draw_block(pipeline, 0, block)
+        block_labels = draw_block(pipeline, 0, block)[1]
         for offset, label in enumerate(block_labels):
             if counts[label] < per_class:
                 counts[label] += 1
@@ -439,12 +444,13 @@ def test_chunked_block_equals_pipeline(spread_release):
 
     pipeline = prepare_pipeline(load_generator(str(spread_release)).pipeline, torch.device("cpu"))
     for block in (7,):  # one block: each costs two generator passes
-        pixels, labels, confidences = draw_block(pipeline, 3, block)
+        pixels, labels, confidences, probabilities = draw_block(pipeline, 3, block)
         rng = torch.Generator().manual_seed(block_seed(3, block))
         whole = pipeline(num_images=BLOCK_SIZE, generator=rng, output_type="pt", batch_size=BLOCK_SIZE)
         np.testing.assert_array_equal(pixels, (whole.images * 255).round().to(torch.uint8).numpy())
         np.testing.assert_array_equal(labels, whole.labels.numpy())
         np.testing.assert_array_equal(confidences, whole.confidences.numpy())
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), labels)
     assert len(set(labels.tolist())) > 1, "the release must give varied labels to test them"
 
 
@@ -668,6 +674,21 @@ def test_resume_with_other_settings_is_rejected(run_dir, tmp_path):
     with pytest.raises(BuildError, match="seed: 0 then, 3 now"):
         build(run_dir, out, num_samples=20, shard_size=10, seed=3, resume=True)
     assert json.loads((out / MANIFEST_FILE).read_text())["settings"]["seed"] == 0
+
+
+def test_resume_of_older_layout_is_rejected(run_dir, tmp_path):
+    out = tmp_path / "out"
+    build(run_dir, out, num_samples=20, shard_size=10)
+    manifest_path = out / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    # A build started by a synthgen that wrote no probabilities column.
+    manifest["settings"]["format"] = "synthgen-dataset/1"
+    manifest["complete"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    before = sorted(path.name for path in (out / "data").iterdir())
+    with pytest.raises(BuildError, match="synthgen-dataset/1.*--overwrite"):
+        build(run_dir, out, num_samples=20, shard_size=10, resume=True)
+    assert sorted(path.name for path in (out / "data").iterdir()) == before
 
 
 def test_missing_size_is_rejected_by_parser(run_dir, tmp_path):

@@ -148,3 +148,77 @@ def test_unfinished_build_is_rejected(synthetic, mnist_small, tmp_path):
     (copy / "synthgen_dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(EvaluationError, match="not complete"):
         evaluate_synthetic(config(copy, mnist_small))
+
+
+# ---------------------------------------------------------------- soft targets
+
+
+def with_probabilities(labelled_parquet, path, labels_shift: int = 0):
+    """Copy `labelled_parquet`, give it a probabilities column (the one-hot of its labels), and
+    shift its label column by `labels_shift` classes."""
+    from datasets import Dataset, Sequence, Value
+
+    dataset = Dataset.from_parquet(str(labelled_parquet))
+    labels = np.asarray(dataset["label"])
+    one_hot = np.eye(10, dtype=np.float32)[labels]
+    dataset = dataset.add_column("probabilities", one_hot.tolist(),
+                                 feature=Sequence(Value("float32"), length=10))
+    dataset = dataset.map(lambda row: {"label": (row["label"] + labels_shift) % 10})
+    dataset.to_parquet(str(path))
+    return path
+
+
+def test_soft_one_hot_targets_train_as_hard_labels(labelled_parquet, mnist_small, tmp_path):
+    soft = with_probabilities(labelled_parquet, tmp_path / "one-hot.parquet")
+    hard_result = evaluate_synthetic(config(labelled_parquet, mnist_small, limit=300))
+    soft_result = evaluate_synthetic(config(soft, mnist_small, limit=300, targets="soft", temperature=1.0))
+    # At temperature 1 one-hot targets give the gradients of cross-entropy on the labels.
+    assert [entry["test_accuracy"] for entry in soft_result.per_seed] == \
+        [entry["test_accuracy"] for entry in hard_result.per_seed]
+    assert [entry["selected_epoch"] for entry in soft_result.per_seed] == \
+        [entry["selected_epoch"] for entry in hard_result.per_seed]
+
+
+def test_soft_targets_come_from_probabilities_column(labelled_parquet, mnist_small, tmp_path):
+    # The label column is wrong for every row; the probabilities hold the true classes.
+    mislabelled = with_probabilities(labelled_parquet, tmp_path / "mislabelled.parquet", labels_shift=1)
+    hard_result = evaluate_synthetic(config(mislabelled, mnist_small))
+    soft_result = evaluate_synthetic(config(mislabelled, mnist_small, targets="soft", temperature=1.0))
+    # The hard-label classifier learns the shifted classes; the soft one the true classes, far
+    # above chance (10 %) even at the epoch that the wrong validation labels select.
+    assert hard_result.test_accuracy < 10.0
+    assert soft_result.test_accuracy > 20.0
+    assert "soft targets" in soft_result.record["classifier"]
+    assert soft_result.record["targets"] == "soft"
+    assert soft_result.record["temperature"] == 1.0
+    assert "targets" not in hard_result.record
+
+
+def test_built_dataset_evaluates_with_soft_targets(synthetic, mnist_small, tmp_path):
+    results = tmp_path / "results.json"
+    catalog = tmp_path / "catalog.duckdb"
+    base = ["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--epochs", "1",
+            "--results", str(results), "--catalog", str(catalog), "--device", "cpu"]
+    assert main(base) == 0
+    assert main(base + ["--targets", "soft", "--temperature", "2"]) == 0
+    records = json.loads(results.read_text())
+    assert [record.get("targets") for record in records] == [None, "soft"]  # one record each, neither replaced
+    with Catalog(catalog) as opened:
+        rows = opened.sql("SELECT classifier FROM evaluations ORDER BY classifier")
+    assert rows["classifier"].str.contains("temperature 2").tolist() == [False, True]
+
+
+def test_soft_targets_need_probabilities_column(labelled_parquet, mnist_small, tmp_path, caplog):
+    code = main(["evaluate", "synthetic", str(labelled_parquet), "--real-test", str(mnist_small), "--results", "",
+                 "--no-catalog", "--targets", "soft"])
+    assert code == 2
+    assert "no probabilities column" in caplog.text
+    assert "--targets hard" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_bad_temperature_exit_2(synthetic, mnist_small, caplog, value):
+    code = main(["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--results", "",
+                 "--no-catalog", "--targets", "soft", "--temperature", value])
+    assert code == 2
+    assert f"--temperature must be a finite number > 0, got {float(value)!r}" in caplog.text
