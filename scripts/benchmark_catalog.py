@@ -73,6 +73,7 @@ def write_dataset(folder: Path, rows: int, shard_size: int, seed: int, generator
             "seed": [seed] * count,
             "sample_index": list(range(start, stop)),
             "confidence": rng.uniform(0.1, 1.0, count).astype(np.float32).tolist(),
+            "probabilities": rng.dirichlet(np.ones(len(CLASS_NAMES)), count).astype(np.float32).tolist(),
         }, schema=schema)
         name = f"{DATA_DIR}/{shard_name('train', index, shards)}"
         pq.write_table(table, folder / name, row_group_size=10_000)

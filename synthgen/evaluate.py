@@ -43,11 +43,11 @@ RESULTS_FILE = Path("benchmarks") / "results" / "synthetic_utility.json"
 # "targets" is stored only for soft targets, so records of hard labels keep the key they had.
 _RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon", "method", "synthetic_dataset",
                "targets")
-# What the classifier learns from: "hard", the label column (cross-entropy); "soft", the
-# probabilities column, the student's softmax, sharpened or flattened by a temperature T as in
-# Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network" (2015): the targets are
-# softmax(log p / T), the classifier's logits are divided by T, and the loss is scaled by T^2 so
-# that its gradients keep their size across temperatures.
+# What the classifier learns from. "hard" is the label column, with cross-entropy. "soft" is the
+# probabilities column (the student's softmax) at a temperature T, as in Hinton, Vinyals and Dean,
+# "Distilling the Knowledge in a Neural Network" (2015). The targets are softmax(log p / T), and
+# the classifier's logits are divided by T. The loss is multiplied by T^2, so its gradients keep
+# their size across temperatures.
 TARGETS = ("hard", "soft")
 PROBABILITY_FLOOR = 1e-30  # float32 probabilities that underflowed to 0 get this before the logarithm
 
@@ -152,7 +152,7 @@ def _probabilities(table) -> np.ndarray | None:
     flat = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
     values = np.concatenate(flat).astype(np.float32) if flat else np.zeros(0, dtype=np.float32)
     if len(table) == 0 or values.size % len(table):
-        raise EvaluationError("the probabilities column does not hold the same number of classes in every row")
+        raise EvaluationError("the probabilities column contains rows of different lengths; each row needs one value per class")
     return values.reshape(len(table), -1)
 
 

@@ -184,8 +184,8 @@ def test_soft_targets_come_from_probabilities_column(labelled_parquet, mnist_sma
     mislabelled = with_probabilities(labelled_parquet, tmp_path / "mislabelled.parquet", labels_shift=1)
     hard_result = evaluate_synthetic(config(mislabelled, mnist_small))
     soft_result = evaluate_synthetic(config(mislabelled, mnist_small, targets="soft", temperature=1.0))
-    # The hard-label classifier learns the shifted classes; the soft one the true classes, far
-    # above chance (10 %) even at the epoch that the wrong validation labels select.
+    # The hard-label classifier learns the shifted classes, and the soft one the true classes. So
+    # the soft one is above chance (10 %) even at the epoch that the wrong validation labels select.
     assert hard_result.test_accuracy < 10.0
     assert soft_result.test_accuracy > 20.0
     assert "soft targets" in soft_result.record["classifier"]
