@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -109,11 +110,14 @@ def main() -> int:
         augment = parse_augment(args.augment)
     except SamplingError as error:
         parser.error(str(error))
+    if args.targets == "soft" and not (math.isfinite(args.temperature) and args.temperature > 0):
+        parser.error(f"--temperature must be a finite number > 0, got {args.temperature!r}; distillation commonly "
+                     "uses 4")
     report = json.loads(report_path.read_text())
 
     import torch
 
-    from synthgen.evaluate import EvaluateConfig, describe_classifier, evaluate_synthetic
+    from synthgen.evaluate import EvaluateConfig, describe_classifier, evaluate_synthetic, targets_field
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +161,7 @@ def main() -> int:
     if augment:
         entry["augment"] = "+".join(augment)
     if args.targets == "soft":
-        entry["targets"] = f"soft, T={args.temperature:g}"
+        entry["targets"] = targets_field(config)
     # A record replaces an older one only with the same augmentation and targets (both absent on
     # plain builds with hard labels), so a variant never overwrites the plain number of a run.
     path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment", "targets"))

@@ -525,7 +525,8 @@ class DatasetSQL:
     """Read-only SQL over one dataset's parquet shards, in a DuckDB connection confined to them.
 
     The connection is in memory. The view `dataset` reads the shards (columns image, label,
-    generator, generator_commit, seed, sample_index, confidence) and the view `classes` maps
+    generator, generator_commit, seed, sample_index, confidence, probabilities in builds of
+    synthgen-dataset/2) and the view `classes` maps
     label to class_name. Two layers keep a query from writing or reading anything else:
 
     1. A statement is parsed by DuckDB and must be exactly one SELECT, so COPY, ATTACH, INSTALL,

@@ -107,8 +107,8 @@ def _cmd_evaluate(args) -> int:
         dataset=args.dataset, real_test=args.real_test, split=args.split, real_split=args.real_split,
         revision=args.revision, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         validation_fraction=args.validation_fraction, targets=args.targets, temperature=args.temperature,
-        seed=args.seed, seeds=args.seeds, limit=args.limit, device=args.device, dataset_name=args.dataset_name, results=args.results, catalog=args.catalog,
-        record=not args.no_catalog,
+        seed=args.seed, seeds=args.seeds, limit=args.limit, device=args.device, dataset_name=args.dataset_name,
+        results=args.results, catalog=args.catalog, record=not args.no_catalog,
     )
     result = evaluate_synthetic(config)
     print(json.dumps({

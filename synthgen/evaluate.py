@@ -32,24 +32,19 @@ CLASSIFIER_WIDTH = 32
 CLASSIFIER_HIDDEN = 128
 CLASSIFIER = f"synthgen Classifier (width {CLASSIFIER_WIDTH}, hidden {CLASSIFIER_HIDDEN}), Adam"
 
-
-def describe_classifier(config: "EvaluateConfig") -> str:
-    """Return the classifier and what it learns from, as recorded in result records and the catalog."""
-    if config.targets == "soft":
-        return f"{CLASSIFIER}, soft targets (the student's probabilities at temperature {config.temperature:g})"
-    return CLASSIFIER
 RESULTS_FILE = Path("benchmarks") / "results" / "synthetic_utility.json"
 # Fields that identify a result record; a new record replaces an old one with the same values.
 # "targets" is stored only for soft targets, so records of hard labels keep the key they had.
 _RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon", "method", "synthetic_dataset",
                "targets")
-# What the classifier learns from. "hard" is the label column, with cross-entropy. "soft" is the
+# Targets the classifier can learn. "hard" is the label column, with cross-entropy. "soft" is the
 # probabilities column (the student's softmax) at a temperature T, as in Hinton, Vinyals and Dean,
 # "Distilling the Knowledge in a Neural Network" (2015). The targets are softmax(log p / T), and
 # the classifier's logits are divided by T. The loss is multiplied by T^2, so its gradients keep
 # their size across temperatures.
 TARGETS = ("hard", "soft")
 PROBABILITY_FLOOR = 1e-30  # float32 probabilities that underflowed to 0 get this before the logarithm
+PROBABILITY_SUM_TOLERANCE = 1e-3  # float32 softmax rows sum to 1 within about 1e-6
 
 
 class EvaluationError(ValueError):
@@ -95,6 +90,32 @@ class EvaluationResult:
     results_path: Path | None = None
 
 
+def describe_classifier(config: "EvaluateConfig") -> str:
+    """Return the classifier and what it learns from, as recorded in result records and the catalog."""
+    if config.targets == "soft":
+        return f"{CLASSIFIER}, soft targets (the student's probabilities at temperature {config.temperature:g})"
+    return CLASSIFIER
+
+
+def targets_field(config: "EvaluateConfig") -> str | None:
+    """Return the `targets` field of a result record: None for hard labels, so their records keep
+    the key they had before soft targets existed."""
+    return f"soft, T={config.temperature:g}" if config.targets == "soft" else None
+
+
+def distillation_loss(logits, probabilities, temperature: float):
+    """Return the mean cross-entropy of softmax(`logits` / T) against softmax(log `probabilities` / T), times T^2.
+
+    Its gradient in the logits is T (softmax(logits / T) - targets) per row, divided by the
+    batch size (Hinton, Vinyals and Dean, 2015).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    targets = torch.softmax(probabilities.clamp_min(PROBABILITY_FLOOR).log() / temperature, dim=1)
+    return F.cross_entropy(logits / temperature, targets) * temperature**2
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -105,11 +126,12 @@ def _manifest_of(folder: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def load_synthetic(source: str, split: str = "train", revision: str | None = None):
+def load_synthetic(source: str, split: str = "train", revision: str | None = None, probabilities: bool = False):
     """Load a synthetic dataset as (ImageData, build manifest or None, probabilities or None).
 
-    The probabilities are the float32 array (N, classes) of the dataset's probabilities column,
-    or None when it has none (builds of synthgen-dataset/1 and other datasets).
+    With `probabilities`, the third item is the float32 array (N, classes) of the dataset's
+    probabilities column, or None when it has none (builds of synthgen-dataset/1 and other
+    datasets). Without it, the column is not read and the third item is None.
     """
     import datasets
 
@@ -141,19 +163,38 @@ def load_synthetic(source: str, split: str = "train", revision: str | None = Non
     else:
         raise FileNotFoundError(f"synthetic dataset {source!r} not found: give a build folder, a parquet file or a "
                                 "Hub dataset id NAMESPACE/NAME")
-    return dataset_to_image_data(table, source, split), manifest, _probabilities(table)
+    data = dataset_to_image_data(table, source, split)
+    return data, manifest, _probabilities(table, len(data.class_names)) if probabilities else None
 
 
-def _probabilities(table) -> np.ndarray | None:
-    """Return the probabilities column of a datasets.Dataset as float32 (N, classes), or None."""
+def _probabilities(table, classes: int) -> np.ndarray | None:
+    """Return the probabilities column of a datasets.Dataset as float32 (N, `classes`), or None.
+
+    Raises EvaluationError unless every row is a list of `classes` finite values >= 0 that sum to 1.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if "probabilities" not in table.column_names:
         return None
-    column = table.data.column("probabilities")  # a chunked arrow array of lists
+    column = table.data.column("probabilities")  # a chunked arrow array
+    problem = "each row must be a list of one probability per class"
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        raise EvaluationError(f"the probabilities column has type {column.type}; {problem}")
+    if column.null_count:
+        raise EvaluationError(f"the probabilities column has {column.null_count} empty (null) rows; {problem}")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != classes).any():
+        raise EvaluationError(f"the probabilities column has rows of {sorted(set(lengths.tolist()))} values but the "
+                              f"label column has {classes} classes; {problem}")
     flat = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
-    values = np.concatenate(flat).astype(np.float32) if flat else np.zeros(0, dtype=np.float32)
-    if len(table) == 0 or values.size % len(table):
-        raise EvaluationError("the probabilities column contains rows of different lengths; each row needs one value per class")
-    return values.reshape(len(table), -1)
+    values = (np.concatenate(flat) if flat else np.zeros(0)).astype(np.float32).reshape(len(table), classes)
+    sums = values.sum(axis=1)
+    if not np.isfinite(values).all() or (values < 0).any() or (np.abs(sums - 1) > PROBABILITY_SUM_TOLERANCE).any():
+        raise EvaluationError("the probabilities column has values that are not finite, are negative, or do not sum "
+                              "to 1 in a row; it must hold the student's softmax")
+    return values
 
 
 def _hub_manifest(repo_id: str, revision: str | None) -> dict | None:
@@ -202,10 +243,7 @@ def train_and_select(train, validation, num_classes: int, config: EvaluateConfig
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     images = torch.from_numpy(train.images)
     labels = torch.from_numpy(train.labels)
-    temperature = config.temperature
-    if soft_targets is not None:
-        log_probabilities = torch.from_numpy(soft_targets).clamp_min(PROBABILITY_FLOOR).log()
-        targets = torch.softmax(log_probabilities / temperature, dim=1)
+    probabilities = None if soft_targets is None else torch.from_numpy(soft_targets)
     shuffle = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(train) / config.batch_size)
     best = (-1.0, 0, None)  # (validation accuracy, epoch, state)
@@ -216,10 +254,10 @@ def train_and_select(train, validation, num_classes: int, config: EvaluateConfig
             for start in range(0, len(train), config.batch_size):
                 batch = order[start:start + config.batch_size]
                 logits = model(images[batch].to(device).float() / 255)
-                if soft_targets is None:
+                if probabilities is None:
                     loss = F.cross_entropy(logits, labels[batch].to(device))
                 else:
-                    loss = F.cross_entropy(logits / temperature, targets[batch].to(device)) * temperature**2
+                    loss = distillation_loss(logits, probabilities[batch].to(device), config.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -257,8 +295,8 @@ def _validate(config: EvaluateConfig) -> None:
         raise EvaluationError(f"--lr must be > 0, got {config.lr!r}")
     if config.targets not in TARGETS:
         raise EvaluationError(f"--targets must be one of {', '.join(TARGETS)}, got {config.targets!r}")
-    if not (isinstance(config.temperature, (int, float)) and math.isfinite(config.temperature)
-            and config.temperature > 0):
+    if config.targets == "soft" and not (isinstance(config.temperature, (int, float))
+                                         and math.isfinite(config.temperature) and config.temperature > 0):
         raise EvaluationError(f"--temperature must be a finite number > 0, got {config.temperature!r}; "
                               "distillation commonly uses 4")
 
@@ -277,16 +315,12 @@ def evaluate_synthetic(config: EvaluateConfig) -> EvaluationResult:
     _validate(config)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
-    synthetic, manifest, probabilities = load_synthetic(config.dataset, config.split, config.revision)
-    if config.targets == "soft":
-        if probabilities is None:
-            raise EvaluationError(f"{config.dataset} has no probabilities column, so it has no soft targets. Build it "
-                                  "again with this synthgen's 'synthgen build-dataset', or pass --targets hard")
-        if probabilities.shape[1] != len(synthetic.class_names):
-            raise EvaluationError(f"the probabilities column has {probabilities.shape[1]} classes but the label "
-                                  f"column {len(synthetic.class_names)}")
-    else:
-        probabilities = None
+    soft = config.targets == "soft"
+    synthetic, manifest, probabilities = load_synthetic(config.dataset, config.split, config.revision,
+                                                        probabilities=soft)
+    if soft and probabilities is None:
+        raise EvaluationError(f"{config.dataset} has no probabilities column, so it has no soft targets. Build it "
+                              "again with this synthgen's 'synthgen build-dataset', or pass --targets hard")
     if config.limit is not None:
         synthetic = ImageData(synthetic.images[:config.limit], synthetic.labels[:config.limit],
                               synthetic.class_names, synthetic.source, synthetic.split)
@@ -387,7 +421,7 @@ def _result_record(config: EvaluateConfig, result: EvaluationResult, manifest: d
         "validation_accuracy": result.validation_accuracy,
         "classifier": describe_classifier(config),
         "epochs": config.epochs,
-        **({"targets": "soft", "temperature": config.temperature} if config.targets == "soft" else {}),
+        **({"targets": targets_field(config)} if config.targets == "soft" else {}),
         "note": "real test split scored once per seed, after epoch selection on a synthetic validation split; "
                 "evaluation on real data, not covered by the privacy guarantee",
     }
@@ -428,7 +462,8 @@ def _save(config: EvaluateConfig, result: EvaluationResult, manifest: dict | Non
     dataset_id = str(local.resolve()) if local.is_dir() else None
     row = {
         "evaluation_id": uuid.uuid4().hex, "dataset": config.dataset, "dataset_id": dataset_id,
-        "real_test": config.real_test, "classifier": describe_classifier(config), "seeds": config.seeds, "epochs": config.epochs,
+        "real_test": config.real_test, "classifier": describe_classifier(config), "seeds": config.seeds,
+        "epochs": config.epochs,
         "train_rows": result.train_rows, "validation_rows": result.validation_rows, "test_rows": result.test_rows,
         "validation_accuracy": result.validation_accuracy, "test_accuracy": result.test_accuracy,
         "test_accuracy_std": result.test_accuracy_std, "unit": result.privacy["unit"],

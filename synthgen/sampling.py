@@ -34,7 +34,8 @@ PRECISIONS = ("float32", "bfloat16")
 SAMPLER = (f"sample i is image i mod {BLOCK_SIZE} of block i div {BLOCK_SIZE}; a block's latents come from a CPU "
            "torch.Generator seeded with the first 8 bytes of sha256('synthgen-dataset/<seed>/<block>'), read "
            "little-endian with the top bit cleared; images "
-           "rounded to 8 bits; labels and confidences from the student in float64")
+           "rounded to 8 bits; the student's logits in float64, its softmax (labels, confidences, "
+           "probabilities) in float32")
 # Samples a per-class plan may draw before it gives up, per requested row (as DPSDPipeline does).
 MAX_DRAWS_PER_ROW = 100
 

@@ -686,7 +686,7 @@ def test_resume_of_older_layout_is_rejected(run_dir, tmp_path):
     manifest["complete"] = False
     manifest_path.write_text(json.dumps(manifest))
     before = sorted(path.name for path in (out / "data").iterdir())
-    with pytest.raises(BuildError, match="synthgen-dataset/1.*--overwrite"):
+    with pytest.raises(BuildError, match="started in the layout 'synthgen-dataset/1'.*--overwrite"):
         build(run_dir, out, num_samples=20, shard_size=10, resume=True)
     assert sorted(path.name for path in (out / "data").iterdir()) == before
 

@@ -2,6 +2,7 @@
 on a synthetic validation split, real test accuracy recorded in the catalog and result records."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -189,8 +190,7 @@ def test_soft_targets_come_from_probabilities_column(labelled_parquet, mnist_sma
     assert hard_result.test_accuracy < 10.0
     assert soft_result.test_accuracy > 20.0
     assert "soft targets" in soft_result.record["classifier"]
-    assert soft_result.record["targets"] == "soft"
-    assert soft_result.record["temperature"] == 1.0
+    assert soft_result.record["targets"] == "soft, T=1"
     assert "targets" not in hard_result.record
 
 
@@ -201,11 +201,14 @@ def test_built_dataset_evaluates_with_soft_targets(synthetic, mnist_small, tmp_p
             "--results", str(results), "--catalog", str(catalog), "--device", "cpu"]
     assert main(base) == 0
     assert main(base + ["--targets", "soft", "--temperature", "2"]) == 0
+    assert main(base + ["--targets", "soft", "--temperature", "4"]) == 0
     records = json.loads(results.read_text())
-    assert [record.get("targets") for record in records] == [None, "soft"]  # one record each, neither replaced
+    # One record per kind of target: none replaced another.
+    assert [record.get("targets") for record in records] == [None, "soft, T=2", "soft, T=4"]
     with Catalog(catalog) as opened:
         rows = opened.sql("SELECT classifier FROM evaluations ORDER BY classifier")
-    assert rows["classifier"].str.contains("temperature 2").tolist() == [False, True]
+    assert [("temperature 2" in text, "temperature 4" in text) for text in rows["classifier"]] == \
+        [(False, False), (True, False), (False, True)]
 
 
 def test_soft_targets_need_probabilities_column(labelled_parquet, mnist_small, tmp_path, caplog):
@@ -214,6 +217,41 @@ def test_soft_targets_need_probabilities_column(labelled_parquet, mnist_small, t
     assert code == 2
     assert "no probabilities column" in caplog.text
     assert "--targets hard" in caplog.text
+
+
+def test_distillation_loss_gradient():
+    import torch
+
+    from synthgen.evaluate import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    probabilities = torch.softmax(torch.randn(8, 10, generator=generator, dtype=torch.float64) * 3, dim=1)
+    temperature = 4.0
+    distillation_loss(logits, probabilities, temperature).backward()
+    targets = torch.softmax(probabilities.log() / temperature, dim=1)
+    expected = temperature * (torch.softmax(logits.detach() / temperature, dim=1) - targets) / len(logits)
+    torch.testing.assert_close(logits.grad, expected)
+
+
+@pytest.mark.parametrize("column, expected", [
+    ([[0.5, 0.5]] * 599 + [None], "empty (null) rows"),
+    ([[0.5, 0.5]] * 599 + [[1.0]], "rows of [9, 10] values"),
+    ([[0.7, 0.7]] * 600, "do not sum to 1"),
+    ([[1.5, -0.5]] * 600, "negative"),
+])
+def test_bad_probabilities_column_is_rejected(labelled_parquet, mnist_small, tmp_path, column, expected):
+    from datasets import Dataset
+
+    dataset = Dataset.from_parquet(str(labelled_parquet))
+    padded = [None if row is None else row + [0.0] * 8 for row in column]  # ten values per valid row
+    dataset = dataset.add_column("probabilities", padded)
+    path = tmp_path / "bad.parquet"
+    dataset.to_parquet(str(path))
+    with pytest.raises(EvaluationError, match=re.escape(expected)):
+        evaluate_synthetic(config(path, mnist_small, targets="soft"))
+    hard = evaluate_synthetic(config(path, mnist_small, epochs=1, limit=100))  # hard labels never read the column
+    assert hard.train_rows == 90
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -53,8 +53,8 @@ def show_images(dataset: DatasetSQL, rows: int) -> None:
 def show_sql(dataset: DatasetSQL) -> None:
     st.subheader("SQL")
     st.caption("One read-only SELECT over the views dataset (image, label, generator, generator_commit, seed, "
-               "sample_index, confidence) and classes (label, class_name). Statements that write, attach, install "
-               "or set anything are rejected, and no file outside this dataset's shards can be read.")
+               "sample_index, confidence, probabilities) and classes (label, class_name). Statements that write, "
+               "attach, install or set anything are rejected, and no file outside this dataset's shards can be read.")
     with st.form("sql"):
         query = st.text_area("Query", value=EXAMPLE_QUERY, height=110)
         submitted = st.form_submit_button("Run")
