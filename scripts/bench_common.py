@@ -57,11 +57,17 @@ def record(benchmark: str, metric: str, value, **fields) -> dict:
 REPLACE_KEYS = ("metric", "unit", "mechanism", "epsilon", "method", "dataset")
 
 
+# Fields that record where and when a number was written, not what was measured.
+PROVENANCE_FIELDS = ("commit", "hardware", "command", "date")
+
+
 def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] = REPLACE_KEYS,
                   results_dir: Path | None = None) -> Path:
     """Merge `records` into <results_dir>/<name>.json, replacing records with the same key fields.
 
-    `results_dir` defaults to benchmarks/results.
+    A record that repeats an existing one in every field but those of PROVENANCE_FIELDS keeps the
+    existing one, so a rescan of a finished run does not restamp its measurement with the commit
+    and machine of the rescan. `results_dir` defaults to benchmarks/results.
     """
     results_dir = Path(results_dir) if results_dir is not None else RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +77,11 @@ def write_records(name: str, records: list[dict], replace_keys: tuple[str, ...] 
     def key(r: dict) -> tuple:
         return tuple(json.dumps(r.get(k)) for k in replace_keys)
 
+    def measurement(r: dict) -> str:
+        return json.dumps({k: v for k, v in r.items() if k not in PROVENANCE_FIELDS}, sort_keys=True)
+
+    existing_by_measurement = {measurement(r): r for r in existing}
+    records = [existing_by_measurement.get(measurement(r), r) for r in records]
     new_keys = {key(r) for r in records}
     merged = [r for r in existing if key(r) not in new_keys] + records
     tmp = path.with_suffix(".json.tmp")

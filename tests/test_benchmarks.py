@@ -77,6 +77,21 @@ def test_quick_suite_writes_valid_records(mnist_small, tmp_path, cases):
     assert "plots/samples-mnist-gaussian-teacher-eps10.png" in page
 
 
+def test_rewritten_measurement_keeps_its_provenance(tmp_path):
+    first = bench_common.record("speed", "steps_per_second", 0.5, unit="example", mechanism="dp-teacher",
+                                epsilon=1.0, delta=1e-5, seeds=1, method="synthgen")
+    first.update(commit="aaaaaaa", hardware="machine A", command="first run", date="2026-01-01")
+    bench_common.write_records("speed", [first], results_dir=tmp_path)
+
+    rescan = dict(first, commit="bbbbbbb", hardware="machine B", command="rescan", date="2026-02-02")
+    bench_common.write_records("speed", [rescan], results_dir=tmp_path)
+    assert json.loads((tmp_path / "speed.json").read_text()) == [first]
+
+    changed = dict(rescan, value=0.6)
+    bench_common.write_records("speed", [changed], results_dir=tmp_path)
+    assert json.loads((tmp_path / "speed.json").read_text()) == [changed]
+
+
 def test_aggregate_groups_seeds_by_target():
     records = [bench_common.record("suite", "student_accuracy", value, unit="teacher", mechanism="gaussian",
                                    epsilon=spent, delta=1e-5, seed=seed)
