@@ -227,7 +227,7 @@ def train_and_select(train, validation, num_classes: int, config: EvaluateConfig
     """Train the fixed classifier on `train` and return it at the epoch with the best `validation` accuracy.
 
     With `soft_targets` (float32 probabilities (len(train), classes)) the classifier learns them at
-    `config.temperature` (see TARGETS); the validation accuracy is still against the labels.
+    `config.temperature` (see TARGETS). The validation accuracy is still measured against the labels.
     """
     import torch
     from torch.nn import functional as F

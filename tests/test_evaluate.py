@@ -181,7 +181,7 @@ def test_soft_one_hot_targets_train_as_hard_labels(labelled_parquet, mnist_small
 
 
 def test_soft_targets_come_from_probabilities_column(labelled_parquet, mnist_small, tmp_path):
-    # The label column is wrong for every row; the probabilities hold the true classes.
+    # The label column is wrong for every row, and the probabilities contain the true classes.
     mislabelled = with_probabilities(labelled_parquet, tmp_path / "mislabelled.parquet", labels_shift=1)
     hard_result = evaluate_synthetic(config(mislabelled, mnist_small))
     soft_result = evaluate_synthetic(config(mislabelled, mnist_small, targets="soft", temperature=1.0))
