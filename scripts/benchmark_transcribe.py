@@ -105,6 +105,14 @@ SCATTER_RECIPES = {
     "published": {"mnist": (4096, 8.0, 40), "fashion-mnist": (8192, 16.0, 40)},
     "published-cnn": {"mnist": (1024, 1.0, 40), "fashion-mnist": (2048, 4.0, 40)},
 }
+# How a learning rate given with --scatter-lr was chosen, per (dataset, rate). MNIST's 16 was picked
+# with a linear DP-SGD on the same scattering features of Fashion-MNIST: 40 epochs at batch 4096,
+# epsilon 10, scored on 10,000 rows held out of its training set. lr 16 gave 90.08% against 89.80% at
+# lr 8. Fashion-MNIST is public with respect to MNIST, so the choice spends no MNIST budget.
+LR_CHOICES = {
+    ("mnist", 16.0): ("chosen on a validation split of Fashion-MNIST's training set (public data with respect "
+                      "to MNIST), where it beat lr 8 by 0.3 points at epsilon 10; no MNIST data was used"),
+}
 CNN_WIDTH, CNN_HIDDEN = 16, 32  # the ScatterNet+CNN head's first convolution's channels and hidden units
 
 
@@ -119,12 +127,15 @@ def scatter_recipe(args) -> tuple[int, float, int, str]:
     if args.scatter_epochs is not None:
         epochs = args.scatter_epochs
     suffix = "" if args.scatter_recipe == "short" else f"-{epochs}ep"
+    if args.scatter_lr is not None:
+        lr = args.scatter_lr
+        suffix += f"-lr{lr:g}"
     if scatter_head(args.scatter_recipe) == "conv":
         suffix = "-cnn" + suffix
     return batch, lr, epochs, suffix
 
 
-def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str) -> str:
+def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str, lr_override: bool = False) -> str:
     """Return the record note that states a scattering teacher's recipe and where it came from."""
     head = ("a ScatterNet+CNN head (tanh convolutions of 16 and 32 channels, 32 tanh units, a linear layer)"
             if scatter_head(recipe) == "conv" else "a linear layer")
@@ -134,10 +145,16 @@ def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str) 
         return note + (" The ScatterNet recipe of Tramer and Boneh 2021, shortened to fit the machine and checked with "
                        "a few development runs on MNIST. That checking is not accounted.")
     kind = "ScatterNet+CNN" if scatter_head(recipe) == "conv" else "linear ScatterNet"
-    note += (f" Batch, learning rate and epochs are those that Tramer and Boneh 2021 published for their best {kind} "
+    fields = "Batch and epochs" if lr_override else "Batch, learning rate and epochs"
+    note += (f" {fields} are those that Tramer and Boneh 2021 published for their best {kind} "
              "on this dataset at epsilon 3, used without any search on our data.")
     if dataset == "mnist":
         note += " Their MNIST run normalised the features with noisy batch statistics; this one uses GroupNorm."
+    if lr_override:
+        published = SCATTER_RECIPES[recipe][dataset][1]
+        choice = LR_CHOICES.get((dataset, lr), "set by hand, and how it was chosen is not recorded, so the choice "
+                                                "may have spent privacy that no ledger shows")
+        note += f" The learning rate {lr:g} replaces their {published:g}: it was {choice}."
     return note
 
 
@@ -152,7 +169,7 @@ def run_scatter_teacher(args, data: str, epsilon: float, records: list) -> Path:
     from synthgen.teacher import train_teacher_dp
 
     batch, lr, epochs, suffix = scatter_recipe(args)
-    note = scatter_note(batch, lr, epochs, args.scatter_recipe, args.dataset)
+    note = scatter_note(batch, lr, epochs, args.scatter_recipe, args.dataset, lr_override=args.scatter_lr is not None)
     out = Path(args.out) / f"dp-sgd-scatter-teacher{suffix}-eps{epsilon:g}"
     common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1,
                   method=f"opacus-dp-sgd-scatternet{suffix}", batch=batch, lr=lr, epochs=epochs)
@@ -240,6 +257,9 @@ def main() -> int:
     parser.add_argument("--scatter-recipe", default="short", choices=sorted(SCATTER_RECIPES),
                         help="batch size, learning rate and epochs of the scattering teacher (see SCATTER_RECIPES)")
     parser.add_argument("--scatter-epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--scatter-lr", type=float, default=None,
+                        help="override the recipe's learning rate; the record names it and says it was chosen "
+                             "on public data (see LR_CHOICE)")
     parser.add_argument("--scatter-steps", type=int, default=400,
                         help="transcription iterations after the scattering teacher (0: train the teacher only)")
     parser.add_argument("--stroke-prior-weight", type=float, default=0.0,
