@@ -105,7 +105,7 @@ SCATTER_RECIPES = {
     "published": {"mnist": (4096, 8.0, 40), "fashion-mnist": (8192, 16.0, 40)},
     "published-cnn": {"mnist": (1024, 1.0, 40), "fashion-mnist": (2048, 4.0, 40)},
 }
-# How a learning rate given with --scatter-lr was chosen, per (dataset, rate). MNIST's 16 was picked
+# The origin of each learning rate given with --scatter-lr, per (dataset, rate). MNIST's 16 was picked
 # with a linear DP-SGD on the same scattering features of Fashion-MNIST: 40 epochs at batch 4096,
 # epsilon 10, scored on 10,000 rows held out of its training set. lr 16 gave 90.08% against 89.80% at
 # lr 8. Fashion-MNIST is public with respect to MNIST, so the choice spends no MNIST budget.
@@ -258,8 +258,7 @@ def main() -> int:
                         help="batch size, learning rate and epochs of the scattering teacher (see SCATTER_RECIPES)")
     parser.add_argument("--scatter-epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--scatter-lr", type=float, default=None,
-                        help="override the recipe's learning rate; the record names it and says it was chosen "
-                             "on public data (see LR_CHOICE)")
+                        help="override the recipe's learning rate; the record names the rate and how it was chosen")
     parser.add_argument("--scatter-steps", type=int, default=400,
                         help="transcription iterations after the scattering teacher (0: train the teacher only)")
     parser.add_argument("--stroke-prior-weight", type=float, default=0.0,
