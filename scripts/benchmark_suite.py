@@ -158,12 +158,14 @@ def run_tag(report: dict) -> str:
     teacher = report.get("teacher_dp") or {}
     tag = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
     # Runs of one teacher with other generator losses make very different images: name the
-    # settings that differ from the defaults (stroke prior 0, adversarial weight 1, 1 generator step).
+    # settings that differ from the defaults (no image prior, adversarial weight 1, 1 generator step).
     hyperparameters = (report.get("public_facts") or {}).get("hyperparameters", {})
     prior = hyperparameters.get("stroke_prior_weight")
+    silhouette = hyperparameters.get("silhouette_prior_weight")
     adversarial = hyperparameters.get("adversarial_weight", 1.0)
     generator_steps = hyperparameters.get("generator_steps", 1)
     tag += f"-stroke-prior{prior:g}" if prior else ""
+    tag += f"-silhouette-prior{silhouette:g}" if silhouette else ""
     tag += f"-adv{adversarial:g}" if adversarial != 1.0 else ""
     tag += f"-g{generator_steps}" if generator_steps != 1 else ""
     return tag

@@ -197,6 +197,9 @@ def generator_settings(args) -> tuple[str, dict]:
     if args.stroke_prior_weight:
         tag += f"-prior{args.stroke_prior_weight:g}"
         settings["stroke_prior_weight"] = args.stroke_prior_weight
+    if args.silhouette_prior_weight:
+        tag += f"-silhouette{args.silhouette_prior_weight:g}"
+        settings["silhouette_prior_weight"] = args.silhouette_prior_weight
     if args.adversarial_weight is not None:
         tag += f"-adv{args.adversarial_weight:g}"
         settings["adversarial_weight"] = args.adversarial_weight
@@ -263,6 +266,8 @@ def main() -> int:
                         help="transcription iterations after the scattering teacher (0: train the teacher only)")
     parser.add_argument("--stroke-prior-weight", type=float, default=0.0,
                         help="scatter case: weight of the stroke prior on the generator (0: off)")
+    parser.add_argument("--silhouette-prior-weight", type=float, default=0.0,
+                        help="scatter case: weight of the silhouette prior on the generator (0: off)")
     parser.add_argument("--adversarial-weight", type=float, default=None,
                         help="scatter case: weight of the generator's adversarial term (default: synthgen's)")
     parser.add_argument("--generator-steps", type=int, default=1,

@@ -71,6 +71,12 @@ class TranscribeConfig:
                                         "generator is rewarded for images the critic takes for strokes. Suits "
                                         "handwriting-like data; it uses no teacher and no data, so it costs no "
                                         "privacy. 0: off")
+    silhouette_prior_weight: float = option(0.0, "weight of a data-free image prior for clothing-like data: a critic "
+                                            "learns to tell the generator's images from random filled silhouettes "
+                                            "(mostly mirror-symmetric, shaded, on a dark background), and the "
+                                            "generator is rewarded for images the critic takes for silhouettes. It "
+                                            "uses no teacher and no data, so it costs no privacy. 0: off. Not "
+                                            "together with stroke_prior_weight")
     latent_dim: int = option(100, "generator input size (z ~ N(0, I))")
     generator_width: int = option(32, "generator channel width")
     student_width: int = option(32, "student channel width")

@@ -58,12 +58,12 @@ _FROZEN_SETTINGS = (
     "generator_width", "student_width", "student_hidden", "student_norm", "onehot_weight", "entropy_weight",
     "activation_weight", "adversarial_weight", "seed", "noise_seed", "student_frontend", "student_init",
     "query_pool", "student_shift", "pseudo_label_weight", "pseudo_label_threshold", "procedural_fraction",
-    "stroke_prior_weight",
+    "stroke_prior_weight", "silhouette_prior_weight",
 )
 # Values of settings added after the first release, for run files written without them.
 _SETTING_DEFAULTS = {"student_frontend": "pixels", "student_init": "random", "query_pool": 1, "student_shift": 0,
                      "pseudo_label_weight": 0.0, "pseudo_label_threshold": 0.95, "procedural_fraction": 0.0,
-                     "stroke_prior_weight": 0.0}
+                     "stroke_prior_weight": 0.0, "silhouette_prior_weight": 0.0}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,9 +123,14 @@ def _check_settings(config: TranscribeConfig) -> None:
     weight = config.pseudo_label_weight
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
         raise TranscriptionError(f"pseudo_label_weight must be a finite number >= 0 (0: off), got {weight!r}")
-    prior = config.stroke_prior_weight
-    if isinstance(prior, bool) or not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
-        raise TranscriptionError(f"stroke_prior_weight must be a finite number >= 0 (0: off), got {prior!r}")
+    for name in ("stroke_prior_weight", "silhouette_prior_weight"):
+        prior = getattr(config, name)
+        if isinstance(prior, bool) or not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
+            raise TranscriptionError(f"{name} must be a finite number >= 0 (0: off), got {prior!r}")
+    if config.stroke_prior_weight and config.silhouette_prior_weight:
+        raise TranscriptionError(
+            f"stroke_prior_weight ({config.stroke_prior_weight}) and silhouette_prior_weight "
+            f"({config.silhouette_prior_weight}) are both set; choose one image prior and set the other to 0")
     threshold = config.pseudo_label_threshold
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise TranscriptionError(f"pseudo_label_threshold must be in (0, 1], got {threshold!r}")
@@ -416,9 +421,11 @@ class _Run:
                                       norm=config.student_norm, mean=(0.5,) * channels, std=(0.5,) * channels,
                                       class_names=self.class_names, frontend=config.student_frontend)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr, betas=(0.5, 0.999))
-        # The stroke prior's critic is trained only on generator images and on strokes drawn from
+        # The image prior's critic is trained only on generator images and on shapes drawn from
         # random numbers, and it is never released. Its Adam settings were chosen without tuning.
-        self.critic = StrokeCritic(channels, height) if config.stroke_prior_weight else None
+        self.prior_weight = config.stroke_prior_weight or config.silhouette_prior_weight
+        self.render_prior = render_strokes if config.stroke_prior_weight else render_silhouettes
+        self.critic = ShapeCritic(channels, height) if self.prior_weight else None
         self.critic_optimizer = (torch.optim.Adam(self.critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
                                  if self.critic is not None else None)
         self.student_optimizer = torch.optim.Adam(self.student.parameters(), lr=config.student_lr)
@@ -725,8 +732,8 @@ class _Run:
         try:
             loss = self.generator_loss(images, targets)
             if self.critic is not None:
-                # softplus(-logit) = -log sigmoid(logit): low for images the critic takes for strokes.
-                loss = loss + self.config.stroke_prior_weight * F.softplus(-self.critic(images)).mean()
+                # softplus(-logit) = -log sigmoid(logit): low for images the critic takes for prior shapes.
+                loss = loss + self.prior_weight * F.softplus(-self.critic(images)).mean()
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.dist.average_gradients(self.generator)
@@ -737,13 +744,13 @@ class _Run:
         return loss.item()
 
     def _critic_update(self, fakes: torch.Tensor) -> None:
-        """Train the stroke critic one step: strokes drawn now are real, the generator's `fakes` are not."""
-        strokes = render_strokes(fakes.shape[0], tuple(fakes.shape[1:])).to(self.device)
-        loss = F.softplus(-self.critic(strokes)).mean() + F.softplus(self.critic(fakes)).mean()
+        """Train the prior's critic one step: shapes drawn now are real, the generator's `fakes` are not."""
+        shapes = self.render_prior(fakes.shape[0], tuple(fakes.shape[1:])).to(self.device)
+        loss = F.softplus(-self.critic(shapes)).mean() + F.softplus(self.critic(fakes)).mean()
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # NOTE: averaging keeps the critics of several processes equal, but no multi-process test
-        # covers the stroke prior yet.
+        # covers the image priors yet.
         self.dist.average_gradients(self.critic)
         self.critic_optimizer.step()
 
@@ -802,10 +809,10 @@ def pseudo_label_loss(student: torch.nn.Module, images: torch.Tensor, threshold:
     return (losses * confident).sum() / images.shape[0]
 
 
-class StrokeCritic(nn.Module):
-    """Tells random pen strokes (logit > 0) from other images: two 4x4 convolutions of stride 2, a linear layer.
+class ShapeCritic(nn.Module):
+    """Tells the image prior's shapes (logit > 0) from other images: two 4x4 convolutions of stride 2, a linear layer.
 
-    It is the discriminator of the stroke prior. It has no BatchNorm, so its output for one image
+    It is the discriminator of the stroke and silhouette priors. It has no BatchNorm, so its output for one image
     does not depend on the others in the batch.
     """
 
@@ -845,6 +852,67 @@ def render_strokes(count: int, shape: tuple[int, int, int], points: int = 24) ->
     distance = torch.cdist(grid.expand(count, -1, -1), curve).min(dim=2).values  # (image, H * W)
     ink = torch.exp(-0.5 * (distance / pen.view(count, 1)) ** 2)
     return ink.view(count, 1, height, width).expand(count, channels, height, width).contiguous()
+
+
+def _interpolate(knots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Return the piecewise-linear curve through `knots` (N, K), evenly spaced on [0, 1], at `positions` (N, L)."""
+    count = knots.shape[1]
+    place = positions.clamp(0, 1) * (count - 1)
+    left = place.floor().long().clamp(max=count - 2)
+    fraction = place - left
+    return knots.gather(1, left) * (1 - fraction) + knots.gather(1, left + 1) * fraction
+
+
+def render_silhouettes(count: int, shape: tuple[int, int, int], knots: int = 6) -> torch.Tensor:
+    """Render `count` images (count, C, H, W) in [0, 1] of one random filled silhouette each, without any data.
+
+    Seven in ten are upright: a profile of half-widths from top to bottom, mirrored about a centre
+    column, with a gap between two legs in the lower part of some (tops, dresses, trousers, bags).
+    The rest lie down: a profile of heights above a base line, tallest at one end (shoes, boots).
+    The profiles are random walks through `knots` points. The fill is a grey level with a smooth
+    texture and, in a quarter of the images, stripes. Edges are soft over about 0.6 pixels (at
+    28 x 28). The draws come from torch's default generator, which the checkpoint saves.
+    """
+    channels, height, width = shape
+    ys = torch.arange(height, dtype=torch.float32).view(1, height, 1).expand(count, height, width)
+    xs = torch.arange(width, dtype=torch.float32).view(1, 1, width).expand(count, height, width)
+    edge = 0.6 * min(height, width) / 28
+
+    def inside(distance: torch.Tensor) -> torch.Tensor:  # soft indicator of distance > 0, in pixels
+        return torch.sigmoid(distance / edge)
+
+    def uniform(low: float, span: float) -> torch.Tensor:
+        return low + span * torch.rand(count, 1, 1)
+
+    # Upright shapes; the sizes are fractions of the image.
+    top, bottom = uniform(0.02, 0.25) * (height - 1), uniform(0.75, 0.23) * (height - 1)
+    walk = 0.12 + 0.3 * torch.rand(count, 1) + (0.08 * torch.randn(count, knots)).cumsum(1)
+    half_widths = walk.clamp(0.05, 0.47) * width
+    profile = _interpolate(half_widths, (ys[:, :, 0] - top[:, :, 0]) / (bottom - top)[:, :, 0]).unsqueeze(2)
+    distance = (xs - ((width - 1) / 2 + 0.7 * torch.randn(count, 1, 1))).abs()
+    gap = torch.where(torch.rand(count, 1, 1) < 0.3, uniform(0.04, 0.1) * width, torch.zeros(count, 1, 1))
+    fork = top + uniform(0.3, 0.3) * (bottom - top)
+    legs = 1 - inside(gap - distance) * inside(ys - fork)
+    upright = inside(profile - distance) * inside(ys - top) * inside(bottom - ys) * legs
+
+    # Lying shapes.
+    left, right = uniform(0.02, 0.15) * (width - 1), uniform(0.83, 0.15) * (width - 1)
+    base = uniform(0.6, 0.3) * (height - 1)
+    walk = 0.12 + 0.15 * torch.rand(count, 1) + (0.05 * torch.randn(count, knots)).cumsum(1)
+    heights = walk.clamp(0.08, 0.4) * height
+    heights[:, 0] += 0.4 * height * torch.rand(count)  # a shaft at one end
+    heights = torch.where(torch.rand(count, 1) < 0.5, heights.flip(1), heights)
+    rise = _interpolate(heights, (xs[:, 0, :] - left[:, :, 0]) / (right - left)[:, :, 0]).unsqueeze(1)
+    lying = inside(ys - (base - rise)) * inside(base - ys) * inside(xs - left) * inside(right - xs)
+
+    mask = torch.where(torch.rand(count, 1, 1) < 0.7, upright, lying)
+    texture = F.interpolate(torch.rand(count, 1, 4, 4), size=(height, width), mode="bilinear", align_corners=True)
+    period = uniform(2.5, 4.0)
+    stripes = 0.15 * torch.sin(2 * math.pi * ys / period + uniform(0.0, 2 * math.pi))
+    stripes = torch.where(torch.rand(count, 1, 1) < 0.25, stripes, torch.zeros_like(stripes))
+    fill = (uniform(0.35, 0.6) + 0.3 * (texture[:, 0] - 0.5) + stripes).clamp(0.05, 1)
+    images = (mask * fill).clamp(0, 1)
+    return images.unsqueeze(1).expand(count, channels, height, width).contiguous()
 
 
 def select_queries(probs: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Query selection, stroke queries, shifted inputs, pseudo-labels and the stroke prior: charged exactly, reproducible."""
+"""Query selection, stroke queries, shifted inputs, pseudo-labels and the image priors: charged exactly, reproducible."""
 
 import os
 from pathlib import Path
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from synthgen.models import Classifier
-from synthgen.transcribe import (StrokeCritic, TranscriptionError, pseudo_label_loss, render_strokes, select_queries,
-                                 transcribe)
+from synthgen.transcribe import (ShapeCritic, TranscriptionError, pseudo_label_loss, render_silhouettes,
+                                 render_strokes, select_queries, transcribe)
 
 from .conftest import small_config
 from .forward_counter import ForwardCounter, install
@@ -131,10 +131,12 @@ def test_pseudo_labels_change_the_student(small_teacher, mnist_small, tmp_path):
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
-def test_stroke_prior_keeps_spend(small_teacher, mnist_small, tmp_path):
+@pytest.mark.parametrize("prior", ["stroke_prior_weight", "silhouette_prior_weight"])
+def test_image_prior_keeps_spend(small_teacher, mnist_small, tmp_path, prior):
     plain = dict(EXTRAS, stroke_prior_weight=0.0)
     first = transcribe(small_config(small_teacher, tmp_path / "plain", mnist_small, steps=3, **plain))
-    second = transcribe(small_config(small_teacher, tmp_path / "prior", mnist_small, steps=3, **EXTRAS))
+    second = transcribe(small_config(small_teacher, tmp_path / "prior", mnist_small, steps=3,
+                                     **dict(plain, **{prior: 1.0})))
     plain_weights = load_file(str(next((tmp_path / "plain" / "generator").glob("*.safetensors"))))
     prior_weights = load_file(str(next((tmp_path / "prior" / "generator").glob("*.safetensors"))))
     assert any(not torch.equal(plain_weights[name], prior_weights[name]) for name in plain_weights)
@@ -142,14 +144,15 @@ def test_stroke_prior_keeps_spend(small_teacher, mnist_small, tmp_path):
     assert first.report["epsilon"] == second.report["epsilon"]
 
 
-def test_stroke_critic_learns_to_tell_strokes_from_noise():
+@pytest.mark.parametrize("render", [render_strokes, render_silhouettes])
+def test_critic_tells_shapes_from_noise(render):
     torch.manual_seed(0)
-    critic = StrokeCritic(1, 28)
+    critic = ShapeCritic(1, 28)
     optimizer = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    strokes, noise = render_strokes(64, (1, 28, 28)), torch.rand(64, 1, 28, 28)
+    shapes, noise = render(64, (1, 28, 28)), torch.rand(64, 1, 28, 28)
 
     def loss() -> torch.Tensor:
-        return (torch.nn.functional.softplus(-critic(strokes)).mean()
+        return (torch.nn.functional.softplus(-critic(shapes)).mean()
                 + torch.nn.functional.softplus(critic(noise)).mean())
 
     before = loss().item()
@@ -159,7 +162,7 @@ def test_stroke_critic_learns_to_tell_strokes_from_noise():
         optimizer.step()
     with torch.no_grad():
         assert loss().item() < 0.5 * before
-        assert (critic(strokes) > 0).float().mean() > 0.9
+        assert (critic(shapes) > 0).float().mean() > 0.9
         assert (critic(noise) < 0).float().mean() > 0.9
 
 
@@ -180,12 +183,41 @@ def test_strokes_are_drawn_inside_the_image():
     assert render_strokes(2, (3, 32, 32)).shape == (2, 3, 32, 32)
 
 
+def test_silhouettes_are_filled_shapes_on_dark_corners():
+    torch.manual_seed(0)
+    images = render_silhouettes(256, (1, 28, 28))
+    assert images.shape == (256, 1, 28, 28)
+    assert images.min() >= 0
+    assert images.max() <= 1
+    pixels = images.flatten(1)
+    covered = (pixels > 0.1).float().mean(dim=1)
+    assert (covered > 0.02).all()  # every image has a shape
+    assert covered.mean() > 0.2  # filled areas, not thin strokes
+    assert covered.mean() < 0.7  # on a background
+    corners = torch.stack([images[:, 0, 0, 0], images[:, 0, 0, -1], images[:, 0, -1, 0], images[:, 0, -1, -1]])
+    assert corners.max() < 0.5
+    mirrored = (images - images.flip(-1)).abs().flatten(1).mean(dim=1)
+    assert (mirrored < 0.1).float().mean() > 0.5  # most are upright and close to mirror-symmetric
+    assert (mirrored > 0.1).any()  # the shoes are not
+    torch.manual_seed(0)
+    assert torch.equal(render_silhouettes(256, (1, 28, 28)), images)
+    assert render_silhouettes(2, (3, 32, 32)).shape == (2, 3, 32, 32)
+
+
+def test_two_image_priors_are_rejected(small_teacher, mnist_small, tmp_path):
+    with pytest.raises(TranscriptionError, match="choose one image prior"):
+        transcribe(small_config(small_teacher, tmp_path / "run", mnist_small, stroke_prior_weight=1.0,
+                                silhouette_prior_weight=1.0))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("field, value", [
     ("procedural_fraction", 1.0), ("procedural_fraction", -0.1),
     ("query_pool", 0), ("query_pool", True), ("student_shift", -1), ("student_shift", 28),
     ("procedural_fraction", 0.01), ("pseudo_label_weight", -0.5),
     ("pseudo_label_weight", float("nan")), ("pseudo_label_threshold", 0.0), ("pseudo_label_threshold", 1.5),
     ("stroke_prior_weight", -1.0), ("stroke_prior_weight", float("inf")), ("stroke_prior_weight", True),
+    ("silhouette_prior_weight", -1.0), ("silhouette_prior_weight", float("nan")),
 ])
 def test_bad_settings_are_rejected_before_anything_is_written(small_teacher, mnist_small, tmp_path, field, value):
     with pytest.raises(TranscriptionError, match=field):
