@@ -51,6 +51,7 @@ sys.path.insert(0, str(SCRIPTS))
 from bench_common import RESULTS, ROOT, record, record_errors, write_records  # noqa: E402
 
 import render_benchmarks  # noqa: E402
+from benchmark_transcribe import SCATTER_RECIPES  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 logger = logging.getLogger("benchmark_suite")
@@ -95,7 +96,7 @@ def speed_records(report: dict, dataset: str, seed: int, **fields) -> list[dict]
     # The method names the run's settings, so that runs of one teacher with other settings keep
     # their own speed records.
     common = dict(dataset=dataset, seed=seed, steps=report["steps"], queries=report["queries"],
-                  method="synthgen" + run_tag(report), **fields)
+                  method="synthgen" + run_tag(report, dataset), **fields)
     return [
         record("speed", "transcribe_seconds", round(seconds, 1), **common),
         record("speed", "steps_per_second", round(report["steps"] / seconds, 3), **common),
@@ -152,11 +153,17 @@ def aggregate(records: list[dict], targets: list[float]) -> list[dict]:
                                                      e["unit"], e["epsilon"]]))
 
 
-def run_tag(report: dict) -> str:
+def run_tag(report: dict, dataset: str) -> str:
     """Return the suffix that distinguishes a run's teacher and generator settings, e.g. "-scatter-20ep-adv0-g4"."""
     # Scattering teachers share mechanism, unit and epsilon with the pixel DP teacher; name them apart.
     teacher = report.get("teacher_dp") or {}
     tag = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
+    # A teacher trained at a learning rate that no recipe of its length uses (--scatter-lr) gets
+    # the rate in its name, so that its runs do not replace those of the recipe.
+    rates = {rate for recipe in SCATTER_RECIPES.values() for _, rate, epochs in [recipe[dataset]]
+             if epochs == teacher.get("epochs")}
+    if tag and teacher.get("learning_rate") not in rates:
+        tag += f"-lr{teacher['learning_rate']:g}"
     # Runs of one teacher with other generator losses make very different images: name the
     # settings that differ from the defaults (no image prior, adversarial weight 1, 1 generator step).
     hyperparameters = (report.get("public_facts") or {}).get("hyperparameters", {})
@@ -178,7 +185,7 @@ def copy_grid(run_dir: Path, plots: Path, dataset: str, fields: dict) -> None:
         return
     epsilon = "none" if fields["epsilon"] is None else f"eps{fields['epsilon']:.2g}"
     unit = fields["unit"] or "not-private"
-    tag = run_tag(json.loads((run_dir / "privacy_report.json").read_text()))
+    tag = run_tag(json.loads((run_dir / "privacy_report.json").read_text()), dataset)
     plots.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid, plots / f"samples-{dataset}-{fields['mechanism']}-{unit}-{epsilon}{tag}.png")
 

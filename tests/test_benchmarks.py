@@ -102,3 +102,16 @@ def test_aggregate_groups_seeds_by_target():
     assert summary["seeds"] == 3
     assert summary["epsilon"] == 0.9995  # the largest spent
     assert summary["target_epsilon"] == 1.0
+
+
+@pytest.mark.parametrize("dataset, epochs, rate, expected", [
+    ("mnist", 20, 4.0, "-scatter-20ep-adv0"),
+    ("mnist", 40, 8.0, "-scatter-40ep-adv0"),
+    ("mnist", 40, 16.0, "-scatter-40ep-lr16-adv0"),
+    ("fashion-mnist", 40, 16.0, "-scatter-40ep-adv0"),
+    ("fashion-mnist", 20, 8.0, "-scatter-20ep-lr8-adv0"),
+])
+def test_run_tag_names_off_recipe_rates(dataset, epochs, rate, expected):
+    report = {"teacher_dp": {"frontend": "scatter", "epochs": epochs, "learning_rate": rate},
+              "public_facts": {"hyperparameters": {"adversarial_weight": 0.0}}}
+    assert benchmark_suite.run_tag(report, dataset) == expected
