@@ -51,7 +51,7 @@ sys.path.insert(0, str(SCRIPTS))
 from bench_common import RESULTS, ROOT, record, record_errors, write_records  # noqa: E402
 
 import render_benchmarks  # noqa: E402
-from benchmark_transcribe import SCATTER_RECIPES  # noqa: E402
+from benchmark_transcribe import SCATTER_RECIPES, scatter_head  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 logger = logging.getLogger("benchmark_suite")
@@ -160,10 +160,12 @@ def run_tag(report: dict, dataset: str) -> str:
     tag = f"-scatter-{teacher['epochs']}ep" if teacher.get("frontend") == "scatter" else ""
     # A teacher trained at a learning rate that no recipe of its length uses (--scatter-lr) gets
     # the rate in its name, so that its runs do not replace those of the recipe.
-    rates = {rate for recipe in SCATTER_RECIPES.values() for _, rate, epochs in [recipe[dataset]]
-             if epochs == teacher.get("epochs")}
-    if tag and teacher.get("learning_rate") not in rates:
-        tag += f"-lr{teacher['learning_rate']:g}"
+    if tag:
+        rates = {recipe[dataset][1] for name, recipe in SCATTER_RECIPES.items()
+                 if dataset in recipe and recipe[dataset][2] == teacher.get("epochs")
+                 and scatter_head(name) == teacher.get("head", "dense")}
+        if teacher.get("learning_rate") not in rates:
+            tag += f"-lr{teacher.get('learning_rate'):g}"
     # Runs of one teacher with other generator losses make very different images: name the
     # settings that differ from the defaults (no image prior, adversarial weight 1, 1 generator step).
     hyperparameters = (report.get("public_facts") or {}).get("hyperparameters", {})

@@ -105,13 +105,14 @@ SCATTER_RECIPES = {
     "published": {"mnist": (4096, 8.0, 40), "fashion-mnist": (8192, 16.0, 40)},
     "published-cnn": {"mnist": (1024, 1.0, 40), "fashion-mnist": (2048, 4.0, 40)},
 }
-# The origin of each learning rate given with --scatter-lr, per (dataset, rate). MNIST's 16 was picked
+# The origin of each learning rate given with --scatter-lr, per (dataset, recipe, rate). MNIST's 16 was picked
 # with a linear DP-SGD on the same scattering features of Fashion-MNIST: 40 epochs at batch 4096,
 # epsilon 10, scored on 10,000 rows held out of its training set. lr 16 gave 90.08% against 89.80% at
 # lr 8. Fashion-MNIST is public with respect to MNIST, so the choice spends no MNIST budget.
 LR_CHOICES = {
-    ("mnist", 16.0): ("chosen on a validation split of Fashion-MNIST's training set (public data with respect "
-                      "to MNIST), where it beat lr 8 by 0.3 points at epsilon 10; no MNIST data was used"),
+    ("mnist", "published", 16.0): ("chosen on a validation split of Fashion-MNIST's training set (public data with "
+                                   "respect to MNIST), where it beat lr 8 by 0.3 points at epsilon 10; no MNIST data "
+                                   "was used"),
 }
 CNN_WIDTH, CNN_HIDDEN = 16, 32  # the ScatterNet+CNN head's first convolution's channels and hidden units
 
@@ -127,7 +128,7 @@ def scatter_recipe(args) -> tuple[int, float, int, str]:
     if args.scatter_epochs is not None:
         epochs = args.scatter_epochs
     suffix = "" if args.scatter_recipe == "short" else f"-{epochs}ep"
-    if args.scatter_lr is not None:
+    if lr_overridden(args):
         lr = args.scatter_lr
         suffix += f"-lr{lr:g}"
     if scatter_head(args.scatter_recipe) == "conv":
@@ -135,26 +136,47 @@ def scatter_recipe(args) -> tuple[int, float, int, str]:
     return batch, lr, epochs, suffix
 
 
-def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str, lr_override: bool = False) -> str:
+def lr_overridden(args) -> bool:
+    """Return whether --scatter-lr sets a learning rate other than the recipe's own."""
+    return args.scatter_lr is not None and args.scatter_lr != SCATTER_RECIPES[args.scatter_recipe][args.dataset][1]
+
+
+def epochs_overridden(args) -> bool:
+    """Return whether --scatter-epochs sets an epoch count other than the recipe's own."""
+    return args.scatter_epochs is not None and args.scatter_epochs != SCATTER_RECIPES[args.scatter_recipe][args.dataset][2]
+
+
+def lr_origin(lr: float, recipe: str, dataset: str) -> str:
+    """Return the note's sentence on where an overriding learning rate came from."""
+    recipe_lr = SCATTER_RECIPES[recipe][dataset][1]
+    choice = LR_CHOICES.get((dataset, recipe, lr), "set by hand, and how it was chosen is not recorded, so the "
+                                                   "choice may have spent privacy that no ledger shows")
+    return f" The learning rate {lr:g} replaces the recipe's {recipe_lr:g}: it was {choice}."
+
+
+def scatter_note(batch: int, lr: float, epochs: int, recipe: str, dataset: str, lr_override: bool = False,
+                 epochs_override: bool = False) -> str:
     """Return the record note that states a scattering teacher's recipe and where it came from."""
     head = ("a ScatterNet+CNN head (tanh convolutions of 16 and 32 channels, 32 tanh units, a linear layer)"
             if scatter_head(recipe) == "conv" else "a linear layer")
     note = ("DP-SGD scattering teacher: fixed wavelet scattering (J=2, L=8), parameter-free GroupNorm and "
             f"{head}. Batch {batch}, SGD with momentum 0.9 at lr {lr:g}, clipping 0.1, {epochs} epochs, EMA 0.99.")
     if recipe == "short":
-        return note + (" The ScatterNet recipe of Tramer and Boneh 2021, shortened to fit the machine and checked with "
-                       "a few development runs on MNIST. That checking is not accounted.")
+        note += (" The ScatterNet recipe of Tramer and Boneh 2021, shortened to fit the machine and checked with "
+                 "a few development runs on MNIST. That checking is not accounted.")
+        return note + (lr_origin(lr, recipe, dataset) if lr_override else "")
     kind = "ScatterNet+CNN" if scatter_head(recipe) == "conv" else "linear ScatterNet"
-    fields = "Batch and epochs" if lr_override else "Batch, learning rate and epochs"
-    note += (f" {fields} are those that Tramer and Boneh 2021 published for their best {kind} "
+    published = [name for name, changed in (("learning rate", lr_override), ("epochs", epochs_override)) if not changed]
+    fields = "Batch" + "".join(f", {name}" for name in published[:-1]) + (f" and {published[-1]}" if published else "")
+    verb = "are those" if published else "is the one"
+    note += (f" {fields} {verb} that Tramer and Boneh 2021 published for their best {kind} "
              "on this dataset at epsilon 3, used without any search on our data.")
     if dataset == "mnist":
         note += " Their MNIST run normalised the features with noisy batch statistics; this one uses GroupNorm."
+    if epochs_override:
+        note += f" The {epochs} epochs replace the published {SCATTER_RECIPES[recipe][dataset][2]}."
     if lr_override:
-        published = SCATTER_RECIPES[recipe][dataset][1]
-        choice = LR_CHOICES.get((dataset, lr), "set by hand, and how it was chosen is not recorded, so the choice "
-                                                "may have spent privacy that no ledger shows")
-        note += f" The learning rate {lr:g} replaces their {published:g}: it was {choice}."
+        note += lr_origin(lr, recipe, dataset)
     return note
 
 
@@ -169,7 +191,8 @@ def run_scatter_teacher(args, data: str, epsilon: float, records: list) -> Path:
     from synthgen.teacher import train_teacher_dp
 
     batch, lr, epochs, suffix = scatter_recipe(args)
-    note = scatter_note(batch, lr, epochs, args.scatter_recipe, args.dataset, lr_override=args.scatter_lr is not None)
+    note = scatter_note(batch, lr, epochs, args.scatter_recipe, args.dataset, lr_override=lr_overridden(args),
+                        epochs_override=epochs_overridden(args))
     out = Path(args.out) / f"dp-sgd-scatter-teacher{suffix}-eps{epsilon:g}"
     common = dict(unit="example", mechanism="dp-sgd", epsilon=epsilon, delta=1e-5, seeds=1,
                   method=f"opacus-dp-sgd-scatternet{suffix}", batch=batch, lr=lr, epochs=epochs)
@@ -273,6 +296,8 @@ def main() -> int:
     parser.add_argument("--generator-steps", type=int, default=1,
                         help="scatter case: generator updates per iteration")
     args = parser.parse_args()
+    if args.stroke_prior_weight and args.silhouette_prior_weight:
+        parser.error("--stroke-prior-weight and --silhouette-prior-weight are both set; choose one image prior")
     # Record what was measured when stopped with SIGTERM (background jobs ignore SIGINT).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

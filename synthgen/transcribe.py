@@ -810,10 +810,10 @@ def pseudo_label_loss(student: torch.nn.Module, images: torch.Tensor, threshold:
 
 
 class ShapeCritic(nn.Module):
-    """Tells the image prior's shapes (logit > 0) from other images: two 4x4 convolutions of stride 2, a linear layer.
+    """Discriminator of the stroke and silhouette priors: two 4x4 convolutions of stride 2, a linear layer.
 
-    It is the discriminator of the stroke and silhouette priors. It has no BatchNorm, so its output for one image
-    does not depend on the others in the batch.
+    Its logit is > 0 for images it takes for the prior's shapes. It has no BatchNorm, so its output
+    for one image does not depend on the others in the batch.
     """
 
     def __init__(self, channels: int, image_size: int, width: int = 32):
@@ -866,38 +866,45 @@ def _interpolate(knots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def render_silhouettes(count: int, shape: tuple[int, int, int], knots: int = 6) -> torch.Tensor:
     """Render `count` images (count, C, H, W) in [0, 1] of one random filled silhouette each, without any data.
 
-    Seven in ten are upright: a profile of half-widths from top to bottom, mirrored about a centre
-    column, with a gap between two legs in the lower part of some (tops, dresses, trousers, bags).
-    The rest lie down: a profile of heights above a base line, tallest at one end (shoes, boots).
-    The profiles are random walks through `knots` points. The fill is a grey level with a smooth
-    texture and, in a quarter of the images, stripes. Edges are soft over about 0.6 pixels (at
-    28 x 28). The draws come from torch's default generator, which the checkpoint saves.
+    Seven in ten are upright, like tops, dresses, trousers and bags: a profile of half-widths from
+    top to bottom, mirrored about a centre column. Three in ten of those have a gap between two
+    legs in their lower part. The rest lie down, like shoes and boots: a profile of heights above
+    a base line, tallest at one end. The profiles are random walks through `knots` points. The fill
+    is a grey level with a smooth texture and, in a quarter of the images, stripes. The sigmoid
+    that softens the edges has a scale of 0.6 pixels at 28 x 28. The draws come from torch's
+    default generator, which the checkpoint saves.
     """
+    # NOTE: the shapes are grey, copied to every channel, so on colour data the critic can tell
+    # them from coloured images by colour alone. The prior was measured on grey images only.
+    if knots < 2:
+        raise ValueError(f"knots must be >= 2 (the profile is a line through them), got {knots}")
     channels, height, width = shape
+    size = min(height, width) / 28  # lengths in pixels below are for 28 x 28 images
     ys = torch.arange(height, dtype=torch.float32).view(1, height, 1).expand(count, height, width)
     xs = torch.arange(width, dtype=torch.float32).view(1, 1, width).expand(count, height, width)
-    edge = 0.6 * min(height, width) / 28
+    edge = 0.6 * size
 
     def inside(distance: torch.Tensor) -> torch.Tensor:  # soft indicator of distance > 0, in pixels
         return torch.sigmoid(distance / edge)
 
-    def uniform(low: float, span: float) -> torch.Tensor:
-        return low + span * torch.rand(count, 1, 1)
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, 1, 1)
 
-    # Upright shapes; the sizes are fractions of the image.
-    top, bottom = uniform(0.02, 0.25) * (height - 1), uniform(0.75, 0.23) * (height - 1)
+    # Upright shapes. Sizes are fractions of the image.
+    top, bottom = uniform(0.02, 0.27) * (height - 1), uniform(0.75, 0.98) * (height - 1)
     walk = 0.12 + 0.3 * torch.rand(count, 1) + (0.08 * torch.randn(count, knots)).cumsum(1)
     half_widths = walk.clamp(0.05, 0.47) * width
     profile = _interpolate(half_widths, (ys[:, :, 0] - top[:, :, 0]) / (bottom - top)[:, :, 0]).unsqueeze(2)
-    distance = (xs - ((width - 1) / 2 + 0.7 * torch.randn(count, 1, 1))).abs()
-    gap = torch.where(torch.rand(count, 1, 1) < 0.3, uniform(0.04, 0.1) * width, torch.zeros(count, 1, 1))
-    fork = top + uniform(0.3, 0.3) * (bottom - top)
+    distance = (xs - ((width - 1) / 2 + 0.7 * size * torch.randn(count, 1, 1))).abs()
+    # Shapes without legs get a negative gap, which cuts nothing.
+    gap = torch.where(torch.rand(count, 1, 1) < 0.3, uniform(0.04, 0.14) * width, torch.full((count, 1, 1), -width))
+    fork = top + uniform(0.3, 0.6) * (bottom - top)
     legs = 1 - inside(gap - distance) * inside(ys - fork)
     upright = inside(profile - distance) * inside(ys - top) * inside(bottom - ys) * legs
 
     # Lying shapes.
-    left, right = uniform(0.02, 0.15) * (width - 1), uniform(0.83, 0.15) * (width - 1)
-    base = uniform(0.6, 0.3) * (height - 1)
+    left, right = uniform(0.02, 0.17) * (width - 1), uniform(0.83, 0.98) * (width - 1)
+    base = uniform(0.6, 0.9) * (height - 1)
     walk = 0.12 + 0.15 * torch.rand(count, 1) + (0.05 * torch.randn(count, knots)).cumsum(1)
     heights = walk.clamp(0.08, 0.4) * height
     heights[:, 0] += 0.4 * height * torch.rand(count)  # a shaft at one end
@@ -907,10 +914,10 @@ def render_silhouettes(count: int, shape: tuple[int, int, int], knots: int = 6) 
 
     mask = torch.where(torch.rand(count, 1, 1) < 0.7, upright, lying)
     texture = F.interpolate(torch.rand(count, 1, 4, 4), size=(height, width), mode="bilinear", align_corners=True)
-    period = uniform(2.5, 4.0)
+    period = uniform(2.5, 6.5) * size
     stripes = 0.15 * torch.sin(2 * math.pi * ys / period + uniform(0.0, 2 * math.pi))
     stripes = torch.where(torch.rand(count, 1, 1) < 0.25, stripes, torch.zeros_like(stripes))
-    fill = (uniform(0.35, 0.6) + 0.3 * (texture[:, 0] - 0.5) + stripes).clamp(0.05, 1)
+    fill = (uniform(0.35, 0.95) + 0.3 * (texture[:, 0] - 0.5) + stripes).clamp(0.05, 1)
     images = (mask * fill).clamp(0, 1)
     return images.unsqueeze(1).expand(count, channels, height, width).contiguous()
 

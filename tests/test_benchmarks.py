@@ -115,3 +115,19 @@ def test_run_tag_names_off_recipe_rates(dataset, epochs, rate, expected):
     report = {"teacher_dp": {"frontend": "scatter", "epochs": epochs, "learning_rate": rate},
               "public_facts": {"hyperparameters": {"adversarial_weight": 0.0}}}
     assert benchmark_suite.run_tag(report, dataset) == expected
+
+
+@pytest.mark.parametrize("teacher, dataset, expected", [
+    ({}, "kmnist", ""),  # a pixel teacher on a dataset without scattering recipes
+    ({"frontend": "scatter", "epochs": 40, "learning_rate": 1.0, "head": "conv"}, "mnist", "-scatter-40ep"),
+    ({"frontend": "scatter", "epochs": 40, "learning_rate": 8.0, "head": "conv"}, "mnist", "-scatter-40ep-lr8"),
+    ({"frontend": "scatter", "epochs": 40, "learning_rate": 1.0, "head": "dense"}, "mnist", "-scatter-40ep-lr1"),
+])
+def test_run_tag_matches_recipes_by_head(teacher, dataset, expected):
+    report = {"teacher_dp": teacher, "public_facts": {"hyperparameters": {"silhouette_prior_weight": 0.0}}}
+    assert benchmark_suite.run_tag(report, dataset) == expected
+
+
+def test_run_tag_names_the_silhouette_prior():
+    report = {"public_facts": {"hyperparameters": {"silhouette_prior_weight": 1.0, "generator_steps": 4}}}
+    assert benchmark_suite.run_tag(report, "fashion-mnist") == "-silhouette-prior1-g4"
