@@ -84,7 +84,7 @@ class BuildConfig:
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     threads: int | None = None  # torch CPU threads per process
     precision: str = "float32"  # generator precision, "float32" or "bfloat16" (part of the dataset's definition)
-    augment: str = "none"  # transforms before labelling: "none", "affine", "hflip" or "affine+hflip"
+    augment: str = "none"  # transforms before labelling: "none", or names from AUGMENTATIONS joined by "+"
     catalog: str | None = None  # catalog file; default $SYNTHGEN_CATALOG or the user data folder
     record: bool = True  # record the dataset in the catalog
 

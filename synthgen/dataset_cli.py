@@ -163,8 +163,9 @@ def _add_build(commands) -> None:
     build.add_argument("--augment", default="none",
                        help="transforms applied to each generated image before the student labels it: 'none' "
                             "(default), 'affine' (small random rotation, scale, shear and shift; for digits), "
-                            "'hflip' (random mirror; for clothing) or 'affine+hflip'. Post-processing: no privacy "
-                            "cost. Part of the dataset's definition")
+                            "'hflip' (random mirror; for clothing), 'mixup' (half the images blended with another "
+                            "image, the student labelling the blend), or several joined by '+', such as "
+                            "'hflip+mixup'. Post-processing: no privacy cost. Part of the dataset's definition")
     build.add_argument("--catalog", help="catalog file (default $SYNTHGEN_CATALOG or "
                                          "~/.local/share/synthgen/catalog.duckdb)")
     build.add_argument("--no-catalog", action="store_true", help="do not record the dataset in the catalog")

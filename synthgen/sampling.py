@@ -44,13 +44,19 @@ MAX_DRAWS_PER_ROW = 100
 # "affine": a random rotation, scale, horizontal shear and shift, in the ranges below, with
 # bilinear resampling and black outside the image.
 # "hflip": a mirror image with probability 1/2, for classes that look alike mirrored (clothing).
-# The ranges, and which uniform number sets which parameter (see affine_forward), define every
-# dataset built with "affine". Never change them: add a transform under a new name instead.
-AUGMENTATIONS = ("affine", "hflip")
+# "mixup": with probability MIXUP_PROBABILITY, a blend of the image with another image of the
+# same block. The student labels the blend itself, so its probabilities on the blend, not a
+# blend of two labels, become the row's targets: rows between the generator's modes, where a
+# classifier trained on the rows learns most about the student's decision boundaries.
+# The ranges, and which uniform number sets which parameter (see affine_forward and
+# augment_images), define every dataset built with a transform. Never change them: add a
+# transform under a new name instead.
+AUGMENTATIONS = ("affine", "hflip", "mixup")
 AFFINE_ROTATION_DEGREES = 12.0  # either way
 AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
 AFFINE_SHEAR = 0.15  # shear factor, either way
 AFFINE_SHIFT = 1 / 14  # fraction of the side in each axis, either way: 2 pixels at 28
+MIXUP_PROBABILITY = 0.5  # share of images blended; the rest stay as generated, so the rows keep the generator's modes
 
 
 class SamplingError(ValueError):
@@ -93,6 +99,9 @@ def describe_augment(spec: str | None) -> str:
                      f"up to 1/{round(1 / AFFINE_SHIFT)} of the side, bilinear, black outside)")
     if "hflip" in names:
         parts.append("a horizontal mirror with probability 1/2")
+    if "mixup" in names:
+        parts.append(f"with probability {MIXUP_PROBABILITY:g}, a blend (1 - w) * image + w * partner with w uniform in "
+                     "[0, 1) and the partner drawn from the same block by a random permutation")
     if not parts:
         return ""
     return ("before labelling, each image gets " + " and ".join(parts) + ", drawn from a CPU torch.Generator seeded "
@@ -138,9 +147,11 @@ def augment_images(images, names: tuple[str, ...], rng):
     """Apply the transforms `names` to images (B, C, H, W) in [0, 1], with parameters drawn from `rng`.
 
     The parameters of all B images are drawn first, in a fixed order, so image j of a block gets
-    the same transform however the block is later split into chunks. The resampling runs in
-    float64, so that its result, cast back to the images' dtype, does not depend on the number of
-    threads. A mirror only moves values, so an image's mirror rounds to the mirrored 8-bit image.
+    the same transform however the block is later split into chunks. The resampling and the
+    blend run in float64, so that their result, cast back to the images' dtype, does not depend on
+    the number of threads. A mirror only moves values, so an image's mirror rounds to the mirrored
+    8-bit image. A blend's partner is taken after the other transforms, so it is the partner's
+    transformed image.
     """
     import torch
     from torch.nn import functional as F
@@ -165,6 +176,14 @@ def augment_images(images, names: tuple[str, ...], rng):
     if "hflip" in names:
         flip = (uniform[:, 5] < 0).to(images.device)
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if "mixup" in names:
+        # Drawn after the (B, 6) numbers above, so "affine" and "hflip" keep their parameters with or without mixup.
+        partner = torch.randperm(count, generator=rng)
+        chance, weight = torch.rand(count, 2, generator=rng, dtype=torch.float64).unbind(1)
+        weight = torch.where(chance < MIXUP_PROBABILITY, weight, torch.zeros_like(weight))[:, None, None, None]
+        wide = out.to(torch.float64)
+        out = ((1 - weight.to(wide.device)) * wide + weight.to(wide.device) * wide[partner.to(wide.device)]).to(
+            images.dtype)
     return out
 
 

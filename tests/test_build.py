@@ -617,7 +617,7 @@ def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     (["--num-samples", "10", "--shard-size", "-1"], "--shard-size must be an integer >= 1"),
     (["--num-samples", "10", "--seed", "-1"], "--seed must be an integer >= 0"),
     (["--num-samples", "10", "--precision", "float16"], "--precision must be one of float32, bfloat16, got 'float16'"),
-    (["--num-samples", "10", "--augment", "rotate"], "--augment must be 'none' or names from affine, hflip"),
+    (["--num-samples", "10", "--augment", "rotate"], "--augment must be 'none' or names from affine, hflip, mixup"),
     (["--num-samples", "10", "--augment", "affine+affine"], "(each once)"),
     (["--num-samples", "10", "--split", "../escape"], "--split must be a plain name"),
     (["--num-samples", "10", "--split", "a/b"], "--split must be a plain name"),
