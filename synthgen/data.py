@@ -369,7 +369,32 @@ def locate_dataset(name: str = "mnist", fetch: bool = True) -> Path:
 
 
 def _fetch(name: str, target: Path) -> Path:
+    """Fetch the IDX files of `name` into `target`, unless another process did so first.
+
+    Processes that start together (two benchmarks, the ranks of one launch) fetch one at a time
+    under a lock file beside `target`. Without the lock the second one's apt-get failed on dpkg's
+    lock, and its rename could replace a folder that the first was reading.
+    """
+    from filelock import FileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{name}.lock")):
+        if target.is_dir() and _find_idx(target, "train", "images"):
+            logger.info("%s was fetched into %s by another process", name, target)
+            return target
+        try:
+            return _fetch_locked(name, target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or b""
+            detail = detail.decode(errors="replace").strip() if isinstance(detail, bytes) else str(detail).strip()
+            command = (f"npm pack {_NPM_PACKAGES[name]}" if name in _NPM_PACKAGES
+                       else f"apt-get install {_DEBIAN_PACKAGES[name]}")
+            message = (f"fetching {name} failed ({command}): {error}{': ' + detail if detail else ''}. Check the "
+                       f"package registry and its tools, or put the IDX files in $SYNTHGEN_DATASETS/{name}")
+            raise DataError(message) from error
+
+
+def _fetch_locked(name: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         staged = tmp_path / "files"

@@ -45,9 +45,9 @@ MAX_DRAWS_PER_ROW = 100
 # bilinear resampling and black outside the image.
 # "hflip": a mirror image with probability 1/2, for classes that look alike mirrored (clothing).
 # "mixup": with probability MIXUP_PROBABILITY, a blend of the image with another image of the
-# same block. The student labels the blend itself, so its probabilities on the blend, not a
-# blend of two labels, become the row's targets: rows between the generator's modes, where a
-# classifier trained on the rows learns most about the student's decision boundaries.
+# same block. The student labels the blend itself, so the row's targets are its probabilities
+# on the blend, not a blend of two labels. Such rows lie between the generator's modes, near the
+# student's decision boundaries.
 # The ranges, and which uniform number sets which parameter (see affine_forward and
 # augment_images), define every dataset built with a transform. Never change them: add a
 # transform under a new name instead.
@@ -56,7 +56,7 @@ AFFINE_ROTATION_DEGREES = 12.0  # either way
 AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
 AFFINE_SHEAR = 0.15  # shear factor, either way
 AFFINE_SHIFT = 1 / 14  # fraction of the side in each axis, either way: 2 pixels at 28
-MIXUP_PROBABILITY = 0.5  # share of images blended; the rest stay as generated, so the rows keep the generator's modes
+MIXUP_PROBABILITY = 0.5  # share of images blended; the rest stay as generated, so the generator's modes stay in the rows
 
 
 class SamplingError(ValueError):
@@ -177,7 +177,8 @@ def augment_images(images, names: tuple[str, ...], rng):
         flip = (uniform[:, 5] < 0).to(images.device)
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     if "mixup" in names:
-        # Drawn after the (B, 6) numbers above, so "affine" and "hflip" keep their parameters with or without mixup.
+        # These numbers are drawn after the (B, 6) numbers above, so "affine" and "hflip" get the
+        # same parameters with or without mixup.
         partner = torch.randperm(count, generator=rng)
         chance, weight = torch.rand(count, 2, generator=rng, dtype=torch.float64).unbind(1)
         weight = torch.where(chance < MIXUP_PROBABILITY, weight, torch.zeros_like(weight))[:, None, None, None]

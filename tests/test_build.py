@@ -275,6 +275,63 @@ def test_affine_build_is_deterministic(reference, run_dir, student, tmp_path):
     assert "horizontal mirror" in manifest["sampler"]
 
 
+def blend_partners(base: torch.Tensor, mixed: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return, for each image of `mixed`, its best partner j in `base`, the weight w of the blend
+    (1 - w) * base[i] + w * base[j] and the largest pixel error of that fit."""
+    flat, target = base.flatten(1).double(), mixed.flatten(1).double()
+    direction = flat[None, :, :] - flat[:, None, :]  # (i, j, pixels): base[j] - base[i]
+    change = (target - flat)[:, None, :]
+    weight = (change * direction).sum(-1) / (direction * direction).sum(-1).clamp_min(1e-12)
+    error = (change - weight[..., None] * direction).abs().amax(-1)
+    error.diagonal().fill_(float("inf"))
+    partner = error.argmin(dim=1)
+    rows = torch.arange(len(base))
+    return partner.numpy(), weight[rows, partner].numpy(), error[rows, partner].numpy()
+
+
+def test_mixup_blends_pairs_of_block():
+    from synthgen.sampling import MIXUP_PROBABILITY, augment_images
+
+    images = torch.rand(256, 1, 8, 8)
+    flipped = augment_images(images, ("hflip",), torch.Generator().manual_seed(0))
+    mixed = augment_images(images, ("hflip", "mixup"), torch.Generator().manual_seed(0))
+    assert mixed.dtype == images.dtype
+    unchanged = (mixed == flipped).flatten(1).all(dim=1).numpy()
+    # The mirror of each image is drawn as without mixup, and a blend mixes two mirrored images.
+    assert abs(unchanged.mean() - (1 - MIXUP_PROBABILITY)) < 0.1
+    partner, weight, error = blend_partners(flipped, mixed)
+    blended = ~unchanged
+    assert error[blended].max() < 1e-5
+    assert weight[blended].min() > 0
+    assert weight[blended].max() < 1
+    assert 0.35 < weight[blended].mean() < 0.65  # uniform weights on [0, 1)
+    assert len(set(partner[blended].tolist())) == blended.sum()  # a permutation: no image is the partner twice
+    again = augment_images(images, ("hflip", "mixup"), torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)
+
+
+def test_mixup_build_relabels_blends(run_dir, student, tmp_path):
+    # Blends are computed in float64, so the rows must match bit for bit across thread counts and
+    # shard sizes, and each label must be the student's on the blended image.
+    flipped = decode_images(build_twice_and_compare(run_dir, tmp_path / "flip-a", tmp_path / "flip-b",
+                                                    augment="hflip"))
+    rows = build_twice_and_compare(run_dir, tmp_path / "mix-a", tmp_path / "mix-b", augment="hflip+mixup")
+    images = decode_images(rows)
+    unchanged = np.array([np.array_equal(a, b) for a, b in zip(images, flipped)])
+    assert 0.4 < unchanged.mean() < 0.6
+    assert_student_labels(student, images, rows)
+    # The soft targets are the student's probabilities on the blend, not a blend of two rows' probabilities.
+    with torch.no_grad():
+        probabilities = torch.softmax(student(torch.from_numpy(images).double() / 255).float(), dim=1)
+    stored = np.asarray(rows.column("probabilities").to_pylist(), dtype=np.float32)  # (ROWS, classes)
+    np.testing.assert_allclose(stored, probabilities.numpy(), rtol=1e-6, atol=1e-12)
+    manifest = json.loads((tmp_path / "mix-a" / MANIFEST_FILE).read_text())
+    assert manifest["settings"]["augment"] == "hflip+mixup"
+    assert "a blend" in manifest["sampler"]
+    card = (tmp_path / "mix-a" / "README.md").read_text()
+    assert "--augment hflip+mixup" in card
+
+
 def test_per_class_plan_uses_augmented_labels(spread_release, tmp_path):
     # The plan and the shards must both label the transformed image; otherwise the shards'
     # labels would differ from the plan and the build would stop.

@@ -1,6 +1,10 @@
 """Data loading from IDX, parquet, image folders and the Hub; the dataset fingerprint."""
 
 import gzip
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +102,50 @@ def test_truncated_idx_rejected(mnist_small, tmp_path):
 def test_labels_beyond_class_names_rejected():
     with pytest.raises(DataError, match="class names"):
         ImageData(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 5]), ["a", "b"])
+
+
+# ---------------------------------------------------------------- fetching built-in datasets
+
+
+def test_fetch_waits_for_other_process(tmp_path, monkeypatch):
+    from synthgen.data import _fetch, locate_dataset
+
+    # Another process holds the lock and writes the files. With PATH empty, a fetch of our own
+    # would fail, so the call succeeds only by waiting for the lock and finding the files.
+    mnist = locate_dataset("mnist", fetch=False)
+    target = tmp_path / "cache" / "fashion-mnist"
+    target.parent.mkdir()
+    holder = textwrap.dedent(f"""
+        import shutil, sys, time
+        from pathlib import Path
+        from filelock import FileLock
+        with FileLock({str(target.parent / '.fashion-mnist.lock')!r}):
+            print("locked", flush=True)
+            time.sleep(1.0)
+            target = Path({str(target)!r})
+            target.mkdir()
+            for file in Path({str(mnist)!r}).iterdir():
+                if "idx" in file.name:
+                    shutil.copy(file, target / file.name)
+        """)
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+        assert _fetch("fashion-mnist", target) == target
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == 0
+    assert sorted(file.name for file in target.iterdir()) == sorted(
+        file.name for file in mnist.iterdir() if "idx" in file.name)
+
+
+def test_fetch_failure_names_package_and_fix(tmp_path, monkeypatch):
+    from synthgen.data import _fetch
+
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    target = tmp_path / "cache" / "fashion-mnist"
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist.*\$SYNTHGEN_DATASETS/fashion-mnist"):
+        _fetch("fashion-mnist", target)
+    assert not target.exists()
+    assert [path.name for path in target.parent.iterdir()] == [".fashion-mnist.lock"]  # no half-fetched folder
