@@ -162,9 +162,9 @@ def main() -> int:
         entry["augment"] = "+".join(augment)
     if args.targets == "soft":
         entry["targets"] = targets_field(config)
-    # A record replaces an older one only with the same augmentation and targets (both absent on
-    # plain builds with hard labels), so a variant never overwrites the plain number of a run.
-    path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment", "targets"))
+    # A record replaces an older one only with the same augmentation, targets (both absent on
+    # plain builds with hard labels) and epochs, so a variant never overwrites the plain number of a run.
+    path = write_records("synthetic_utility", [entry], replace_keys=REPLACE_KEYS + ("augment", "targets", "epochs"))
     logger.info("synthetic accuracy %.2f%% (student %s%%), %s, epsilon %s; wrote %s", result.test_accuracy, student,
                 entry["unit"] or "not private", entry["epsilon"], path)
     return 0
