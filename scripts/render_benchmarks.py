@@ -63,8 +63,8 @@ PUBLISHED = [
 SUMMARY_EPSILONS = (1.0, 10.0)
 ACCURACY_METRICS = ("student_accuracy", "synthetic_accuracy", "teacher_accuracy")
 
-COLUMNS = ["dataset", "method", "variant", "augment", "targets", "epochs", "mechanism", "unit", "epsilon", "delta", "metric",
-           "value", "spread", "seeds", "steps", "queries", "hardware", "commit", "date"]
+COLUMNS = ["dataset", "method", "variant", "augment", "targets", "epochs", "mechanism", "unit", "epsilon", "delta",
+           "metric", "value", "spread", "seeds", "steps", "queries", "hardware", "commit", "date"]
 
 
 def fmt(value) -> str:

@@ -56,7 +56,8 @@ AFFINE_ROTATION_DEGREES = 12.0  # either way
 AFFINE_SCALE = 0.1  # scale in [0.9, 1.1]
 AFFINE_SHEAR = 0.15  # shear factor, either way
 AFFINE_SHIFT = 1 / 14  # fraction of the side in each axis, either way: 2 pixels at 28
-MIXUP_PROBABILITY = 0.5  # share of images blended; the rest stay as generated, so the generator's modes stay in the rows
+# Share of images blended. The rest stay as generated, so the generator's modes stay in the rows.
+MIXUP_PROBABILITY = 0.5
 
 
 class SamplingError(ValueError):
@@ -146,8 +147,8 @@ def invert_2x2(matrices):
 def augment_images(images, names: tuple[str, ...], rng):
     """Apply the transforms `names` to images (B, C, H, W) in [0, 1], with parameters drawn from `rng`.
 
-    The parameters of all B images are drawn first, in a fixed order, so image j of a block gets
-    the same transform however the block is later split into chunks. The resampling and the
+    The parameters of all B images are drawn for the whole block, in a fixed order, so image j of a
+    block gets the same transform however the block is later split into chunks. The resampling and the
     blend run in float64, so that their result, cast back to the images' dtype, does not depend on
     the number of threads. A mirror only moves values, so an image's mirror rounds to the mirrored
     8-bit image. A blend's partner is taken after the other transforms, so it is the partner's
