@@ -380,13 +380,15 @@ def _fetch(name: str, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{name}.lock")):
         if target.is_dir() and _find_idx(target, "train", "images"):
-            logger.info("%s was fetched into %s by another process", name, target)
+            logger.info("%s found in %s after waiting for the fetch lock", name, target)
             return target
         try:
             return _fetch_locked(name, target)
         except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", None) or b""
-            detail = detail.decode(errors="replace").strip() if isinstance(detail, bytes) else str(detail).strip()
+            detail = getattr(error, "stderr", None) or b""  # the tool's message, bytes from capture_output
+            if isinstance(detail, bytes):
+                detail = detail.decode(errors="replace")
+            detail = detail.strip()
             command = (f"npm pack {_NPM_PACKAGES[name]}" if name in _NPM_PACKAGES
                        else f"apt-get install {_DEBIAN_PACKAGES[name]}")
             message = (f"fetching {name} failed ({command}): {error}{': ' + detail if detail else ''}. Check the "
