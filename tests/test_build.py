@@ -360,19 +360,39 @@ def test_other_seed_gives_other_images(reference, run_dir, tmp_path):
     assert set(other.column("seed").to_pylist()) == {1}
 
 
-def test_torchrun_two_processes_equal_one(reference, run_dir, tmp_path):
-    out = tmp_path / "torchrun"
+def torchrun_build(generator, out, tmp_path, *extra) -> subprocess.CompletedProcess:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    completed = subprocess.run(
-        [*torchrun, str(SCRIPT), str(run_dir), "--num-samples", str(ROWS), "--shard-size", "128", "--out", str(out),
-         "--device", "cpu", "--no-catalog"],
+    return subprocess.run(
+        [*torchrun, str(SCRIPT), str(generator), "--num-samples", str(ROWS), "--shard-size", "128", "--out", str(out),
+         "--device", "cpu", "--no-catalog", *extra],
         env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_equal_one(reference, run_dir, tmp_path):
+    out = tmp_path / "torchrun"
+    completed = torchrun_build(run_dir, out, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "process 0 of 2: 3 shards to write" in completed.stderr
     assert "process 1 of 2: 2 shards to write" in completed.stderr
     same_rows(read_rows(out), read_rows(reference))
     assert json.loads((out / MANIFEST_FILE).read_text())["complete"] is True
+
+
+def test_torchrun_augmented_build_from_release_equals_one_process(run_dir, tmp_path):
+    # A user builds from what was released: a copy of the run without its private folder. Each
+    # process draws the transforms of its own blocks from the block's seeded generator, so mirrors
+    # and blends must come out as in one process that writes shards of another size.
+    release = with_report_changes(run_dir, tmp_path / "release")
+    assert not (release / "private").exists() and (run_dir / "private").is_dir()
+    build(release, tmp_path / "one", num_samples=ROWS, shard_size=256, augment="hflip+mixup")
+    completed = torchrun_build(release, tmp_path / "two", tmp_path, "--augment", "hflip+mixup")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "process 1 of 2: 2 shards to write" in completed.stderr
+    one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+    same_rows(two, one)
+    manifest = json.loads((tmp_path / "two" / MANIFEST_FILE).read_text())
+    assert manifest["complete"] is True and manifest["settings"]["augment"] == "hflip+mixup"
 
 
 def accelerate_launch(mode: str, out, run_dir, tmp_path) -> subprocess.CompletedProcess:
