@@ -20,8 +20,11 @@ between runs.
 Records go to benchmarks/results/build.json: images_per_second, forward_ratio and chunk_speedup,
 and with --processes images_per_second_processes.
 
+With --augment, both builds apply those transforms before the student labels the images (for
+example `mixup`, which blends half of the images in pairs); the raw forward stays without them.
+
 Usage: python scripts/benchmark_build.py [--rows 20000] [--shard-size 5000] [--generator PATH] [--threads T]
-                                         [--processes N] [--precision bfloat16]
+                                         [--processes N] [--precision bfloat16] [--augment mixup]
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ def build_in_processes(generator: Path, out: Path, args) -> float:
                str(generator), "--num-samples", str(args.rows), "--shard-size", str(args.shard_size), "--seed",
                str(args.seed), "--out", str(out), "--device", "cpu", "--threads", "1", "--no-catalog", "--overwrite",
                "--precision", args.precision]
+    if args.augment:
+        command += ["--augment", args.augment]
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     manifest = json.loads((out / "synthgen_dataset.json").read_text())
     rate = manifest["rows"] / manifest["build_seconds"]
@@ -139,6 +144,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads of the raw forward and the build (default: torch's)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                         help="generator precision of the raw forward and the builds (default float32)")
+    parser.add_argument("--augment", help="transforms of the builds, as in build-dataset --augment (default: none)")
     parser.add_argument("--processes", type=int, default=0,
                         help="also build with torchrun in this many processes of one thread each (default: no)")
     args = parser.parse_args()
@@ -167,7 +173,8 @@ def main() -> int:
         started = time.perf_counter()
         result = build_dataset(BuildConfig(generator=str(generator), num_samples=args.rows, shard_size=args.shard_size,
                                            seed=args.seed, out=str(out), overwrite=out.exists(), device="cpu",
-                                           threads=args.threads, record=False, precision=args.precision))
+                                           threads=args.threads, record=False, precision=args.precision,
+                                           augment=args.augment or "none"))
         build_rate = result.rows / (time.perf_counter() - started)
         raw_after = raw_forward(source.pipeline, min(args.rows, 10_240))
         raw = (raw_before + raw_after) / 2
@@ -187,7 +194,7 @@ def main() -> int:
             raw_images_per_second_before_after=[round(raw_before, 1), round(raw_after, 1)],
             # Other work on a shared machine lowers both throughputs; the ratio is less affected.
             load_average_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-            cpu_cores=len(os.sched_getaffinity(0)), precision=args.precision,
+            cpu_cores=len(os.sched_getaffinity(0)), precision=args.precision, augment=args.augment,
         )
         records = [
             record("build", "images_per_second", round(build_rate, 1), **common,
@@ -209,7 +216,7 @@ def main() -> int:
                 processes=args.processes,
                 note=f"labelled images written into parquet per second by torchrun with {args.processes} processes "
                      "of one torch thread each, timed by the build from loading the generator to the card"))
-        path = write_records("build", records, replace_keys=("metric", "precision", "processes"))
+        path = write_records("build", records, replace_keys=("metric", "precision", "processes", "augment"))
         logger.info("wrote %s", path)
     finally:
         if not args.work:
