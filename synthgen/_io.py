@@ -60,7 +60,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     An existing folder at `path` is kept until the new one is complete, then swapped out.
     """
-    path = Path(path)
+    # The renames below need a folder name, and an absolute path has one even for "." or "out/..".
+    # abspath keeps a symbolic link as the link that the caller named.
+    path = Path(os.path.abspath(path))
+    if not path.name:
+        raise ValueError(f"cannot write a folder in place of {path}; choose a folder below it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -77,6 +81,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(path: str | os.PathLike, markers: tuple[str, ...], kind: str, overwrite: bool = False) -> None:
+    """Raise ValueError unless a new output may be written at `path`.
+
+    `path` may be missing or an empty folder. A folder that contains one of the `markers` files
+    is an earlier output of the same kind, which is replaced only with `overwrite`. Anything
+    else (a file, or a folder with other contents) is never replaced, because the replacement
+    removes the whole folder.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.name:
+        raise ValueError(f"--out {path} is the root folder; choose a folder below it")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder; choose another --out")
+    if not any(path.iterdir()):
+        return
+    if not any((path / marker).is_file() for marker in markers):
+        raise ValueError(f"--out {path} exists, is not empty and does not contain a synthgen {kind}; choose an "
+                         "empty or new folder (writing the output would remove every file in it)")
+    if not overwrite:
+        raise ValueError(f"--out {path} already contains a {kind}; pass --overwrite to replace it, or choose "
+                         "another --out")
 
 
 def sweep_stale_temporaries(folder: str | os.PathLike) -> None:

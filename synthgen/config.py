@@ -186,6 +186,8 @@ class TeacherTrainConfig:
     ledger: str | None = option(None, "DP-SGD: privacy ledger (DuckDB file) that records the spend before training")
     checkpoint_every: int = option(50, "DP-SGD: optimizer steps between checkpoints in --out/private (also written at "
                                    "the end of every epoch); 0: only at epoch ends")
+    overwrite: bool = option(False, "replace the teacher that --out already contains (a folder with other files is "
+                             "never replaced)")
     resume: bool = option(False, "DP-SGD: continue the interrupted training in --out from its last checkpoint; the "
                           "ledger is not charged again")
     stop_after: int | None = option(None, "DP-SGD: stop after this many steps as if interrupted (for tests of --resume)")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._io import atomic_directory, atomic_write_bytes, atomic_write_json
+from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, check_output_folder
 from .config import TeacherTrainConfig
 from .data import ImageData
 from .teacher import (META_FILE, LoadedTeacher, TeacherError, TeacherMeta, evaluate_accuracy, fingerprint_state,
@@ -53,7 +53,7 @@ _SETTING_DEFAULTS = {"frontend": "pixels", "optimizer": "adam", "augment_multipl
 # Largest shift, in pixels, of an augmented copy along each axis.
 AUGMENT_SHIFT = 2
 # Operational settings left out of the teacher's recorded training settings.
-_OPERATIONAL_SETTINGS = ("out", "ledger", "resume", "stop_after", "checkpoint_every")
+_OPERATIONAL_SETTINGS = ("out", "ledger", "resume", "stop_after", "checkpoint_every", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,7 @@ def _start(config: TeacherTrainConfig, settings: dict) -> tuple[str, float | Non
         return saved["run_id"], float(saved["noise_multiplier"])
     if run_file.is_file():
         raise ValueError(f"{out} contains an interrupted DP training: pass --resume to continue it, or choose another --out")
-    if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
-        raise ValueError(f"{out} exists and is not empty; choose another --out")
+    check_output_folder(out, (META_FILE,), "teacher", config.overwrite)
     return uuid.uuid4().hex, None
 
 

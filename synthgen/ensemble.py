@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._io import atomic_directory, atomic_write_json
+from ._io import atomic_directory, atomic_write_json, check_output_folder
 from .ensemble_cli import EnsembleTrainConfig
 from .data import ImageData
 from .teacher import TeacherError, TeacherMeta, fingerprint_state
@@ -364,6 +364,7 @@ def train_ensemble(config: EnsembleTrainConfig, train: ImageData, test: ImageDat
     from tqdm.auto import tqdm
 
     check_num_teachers(config.num_teachers, len(train))
+    check_output_folder(config.out, (ENSEMBLE_META_FILE,), "teacher ensemble", config.overwrite)
     for name in ("epochs", "batch_size", "width", "hidden"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -493,7 +494,8 @@ def load_ensemble(path: str | os.PathLike, data: ImageData | None = None) -> Ens
     return teacher
 
 
-def assemble_ensemble(member_paths: list[str], data: ImageData, out: str | os.PathLike) -> EnsembleTeacher:
+def assemble_ensemble(member_paths: list[str], data: ImageData, out: str | os.PathLike,
+                      overwrite: bool = False) -> EnsembleTeacher:
     """Build an ensemble from K synthgen teachers the user trained on disjoint parts of `data`.
 
     synthgen cannot see how the members were trained, so the ensemble's plan records their
@@ -504,6 +506,7 @@ def assemble_ensemble(member_paths: list[str], data: ImageData, out: str | os.Pa
     from .teacher import check_teacher_fits, load_teacher
 
     check_num_teachers(len(member_paths), len(data))
+    check_output_folder(out, (ENSEMBLE_META_FILE,), "teacher ensemble", overwrite)
     loaded = [load_teacher(path) for path in member_paths]
     first = loaded[0]
     for path, teacher in zip(member_paths, loaded):

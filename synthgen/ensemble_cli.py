@@ -29,6 +29,8 @@ class EnsembleTrainConfig:
                                     "(evaluation on private data); empty to skip")
     limit: int | None = option(None, "train on a random subset of this many examples (quick runs and tests)")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    overwrite: bool = option(False, "replace the ensemble that --out already contains (a folder with other files is "
+                             "never replaced)")
 
 
 def _cmd_train_teachers(args) -> int:
@@ -61,7 +63,7 @@ def _cmd_assemble_teachers(args) -> int:
     from .ensemble import assemble_ensemble
 
     data = load_image_data(args.data, "train")
-    teacher = assemble_ensemble(args.member, data, args.out)
+    teacher = assemble_ensemble(args.member, data, args.out, overwrite=args.overwrite)
     print(json.dumps({
         "ensemble": args.out,
         "num_teachers": teacher.num_teachers,
@@ -97,4 +99,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="a teacher folder; repeat once per member (at least 2)")
     assemble.add_argument("--data", required=True, help="the whole private training set the members' parts come from")
     assemble.add_argument("--out", required=True, help="folder to write the ensemble to")
+    assemble.add_argument("--overwrite", action="store_true",
+                          help="replace the ensemble that --out already contains (a folder with other files is never "
+                               "replaced)")
     assemble.set_defaults(handler=_cmd_assemble_teachers)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._io import atomic_directory, atomic_write_json
+from ._io import atomic_directory, atomic_write_json, check_output_folder
 from .config import TeacherTrainConfig
 from .data import ImageData
 
@@ -338,6 +338,7 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
         raise ValueError("augment_multiplicity and weight_standardization are DP-SGD settings; add --dp, or leave "
                          f"them at 1 and off (got {config.augment_multiplicity}, {config.weight_standardization})")
     validate_head(config)
+    check_output_folder(config.out, (META_FILE,), "teacher", config.overwrite)
     torch.manual_seed(config.seed)
     channels, height, _ = train.shape
     pixels = train.images.astype(np.float32) / 255
