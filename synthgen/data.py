@@ -53,6 +53,8 @@ class ImageData:
     source: str = ""
     split: str = "train"
     _fingerprint: str | None = field(default=None, repr=False)
+    # Fingerprint of the whole dataset that `subset` drew these examples from.
+    _whole_fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -79,12 +81,23 @@ class ImageData:
             self._fingerprint = fingerprint_arrays(self.images, self.labels, self.class_names)
         return self._fingerprint
 
+    @property
+    def ledger_fingerprint(self) -> str:
+        """Fingerprint of the dataset that the privacy ledger charges: the whole dataset of a subset.
+
+        Examples of a subset are examples of the whole dataset, so spends on several subsets, or on
+        a subset and the whole, compose. Keying all of them to the whole dataset keeps its budget
+        an upper bound on what any of its examples has spent.
+        """
+        return self._whole_fingerprint or self.fingerprint
+
     def subset(self, count: int, seed: int = 0) -> "ImageData":
         """Return `count` examples drawn without replacement, for small tests and quick runs."""
         if count >= len(self):
             return self
         index = np.sort(np.random.default_rng(seed).choice(len(self), size=count, replace=False))
-        return ImageData(self.images[index], self.labels[index], list(self.class_names), self.source, self.split)
+        return ImageData(self.images[index], self.labels[index], list(self.class_names), self.source, self.split,
+                         _whole_fingerprint=self.ledger_fingerprint)
 
     def to_dataset(self) -> "datasets.Dataset":
         from datasets import ClassLabel, Dataset, Features, Image

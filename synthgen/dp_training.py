@@ -240,11 +240,14 @@ def _charge_once(config: TeacherTrainConfig, train: ImageData, run_id: str, plan
 
     event = PrivacyEvent(POISSON_GAUSSIAN, plan.noise_multiplier, plan.steps, plan.sample_rate)
     with Ledger(config.ledger) as ledger:
-        key = LedgerKey(train.fingerprint, f"dp-sgd:{run_id}", EXAMPLE_UNIT)
+        key = LedgerKey(train.ledger_fingerprint, f"dp-sgd:{run_id}", EXAMPLE_UNIT)
         if ledger.charged_queries(run_id):
             logger.info("the ledger %s already contains the spend of this DP training (run %s); nothing is charged "
                         "again", ledger.path, run_id)
             return
+        if train.ledger_fingerprint != train.fingerprint:
+            logger.info("the training data is a subset of dataset %s, so the spend is charged to that dataset's "
+                        "budget", train.ledger_fingerprint)
         total = ledger.check_budget(key, [event], config.delta, None)
         if not config.resume:
             _create_private_dir(Path(config.out), run_id, settings, plan)
@@ -531,7 +534,8 @@ def _finish(config: TeacherTrainConfig, train: ImageData, test: ImageData | None
     }
     meta = TeacherMeta(
         input_shape=list(train.shape), class_names=list(train.class_names), mean=[0.0] * channels, std=[1.0] * channels,
-        format="synthgen", dataset_fingerprint=train.fingerprint, num_examples=len(train), test_accuracy=accuracy,
+        format="synthgen", dataset_fingerprint=train.fingerprint, ledger_fingerprint=train.ledger_fingerprint,
+        num_examples=len(train), test_accuracy=accuracy,
         training={k: v for k, v in asdict(config).items() if k not in _OPERATIONAL_SETTINGS}, dp=dp_facts,
     )
     save_teacher(model, meta, config.out)  # replaces the whole folder, the private checkpoint included

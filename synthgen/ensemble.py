@@ -416,8 +416,8 @@ def train_ensemble(config: EnsembleTrainConfig, train: ImageData, test: ImageDat
     meta = TeacherMeta(
         input_shape=list(train.shape), class_names=list(train.class_names), mean=[0.0] * train.shape[0],
         std=[1.0] * train.shape[0], format="synthgen-ensemble", dataset_fingerprint=train.fingerprint,
-        num_examples=len(train), test_accuracy=None if accuracy is None else accuracy["vote"],
-        training={**{k: v for k, v in asdict(config).items() if k not in ("out", "data")},
+        ledger_fingerprint=train.ledger_fingerprint, num_examples=len(train), test_accuracy=None if accuracy is None else accuracy["vote"],
+        training={**{k: v for k, v in asdict(config).items() if k not in ("out", "data", "overwrite")},
                   "test_accuracy": accuracy},
     )
     teacher = EnsembleTeacher(ensemble, meta, fingerprint_state(ensemble.stacked_state()), plan)
@@ -532,7 +532,8 @@ def assemble_ensemble(member_paths: list[str], data: ImageData, out: str | os.Pa
     channels = first.meta.input_shape[0]
     meta = TeacherMeta(input_shape=list(first.meta.input_shape), class_names=list(first.meta.class_names),
                        mean=[0.0] * channels, std=[1.0] * channels, format="synthgen-ensemble",
-                       dataset_fingerprint=data.fingerprint, num_examples=len(data), training={"source": USER_STATEMENT})
+                       dataset_fingerprint=data.fingerprint, ledger_fingerprint=data.ledger_fingerprint,
+                       num_examples=len(data), training={"source": USER_STATEMENT})
     member_config = {k: first.module.config[k] for k in ("image_size", "channels", "num_classes", "width", "hidden",
                                                           "norm", "mean", "std", "class_names")}
     member_config["mean"], member_config["std"] = list(member_config["mean"]), list(member_config["std"])

@@ -45,6 +45,10 @@ class TeacherMeta:
     std: list[float] = field(default_factory=lambda: [1.0])
     format: str = "synthgen"  # synthgen | safetensors | torchscript | torch.export | pickle
     dataset_fingerprint: str | None = None
+    # The dataset whose ledger budget the training and its transcriptions are charged to: the
+    # whole dataset when the training data was a subset of it (None in older metadata: the same
+    # as dataset_fingerprint).
+    ledger_fingerprint: str | None = None
     num_examples: int | None = None  # size of the private training set; private, never released
     test_accuracy: float | None = None  # on the real test split; evaluation on private data
     training: dict = field(default_factory=dict)
@@ -374,8 +378,9 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
         logger.info("teacher accuracy on the real test split: %.2f%% (evaluation on private data)", accuracy)
     meta = TeacherMeta(
         input_shape=list(train.shape), class_names=list(train.class_names), mean=[0.0] * channels, std=[1.0] * channels,
-        format="synthgen", dataset_fingerprint=train.fingerprint, num_examples=len(train), test_accuracy=accuracy,
-        training={**{k: v for k, v in asdict(config).items() if k != "out"},
+        format="synthgen", dataset_fingerprint=train.fingerprint, ledger_fingerprint=train.ledger_fingerprint,
+        num_examples=len(train), test_accuracy=accuracy,
+        training={**{k: v for k, v in asdict(config).items() if k not in ("out", "overwrite")},
                   "normalization": {"mean": mean, "std": std, "applied_by": "model"}},
     )
     save_teacher(model, meta, config.out)

@@ -200,6 +200,8 @@ def _prepare(config: TranscribeConfig) -> _Setup:
             f"--private-data {config.private_data} is not the dataset teacher {config.teacher} was trained on "
             "(fingerprints differ); pass the teacher's own training data"
         )
+    # Spends are charged to the whole dataset when the teacher was trained on a subset of it.
+    fingerprint = meta.ledger_fingerprint or fingerprint
     eval_data = None
     if config.eval_data:
         eval_data = load_image_data(config.eval_data, config.eval_split)
@@ -287,7 +289,8 @@ def _check_dp_teacher(config: TranscribeConfig, teacher: LoadedTeacher) -> dict:
 
     recorded = [PrivacyEvent(**event) for event in dp.get("events", [])]
     with Ledger(config.ledger) as ledger:
-        key = LedgerKey(teacher.meta.dataset_fingerprint, f"dp-sgd:{dp.get('ledger_run_id')}", "example")
+        scope = teacher.meta.ledger_fingerprint or teacher.meta.dataset_fingerprint
+        key = LedgerKey(scope, f"dp-sgd:{dp.get('ledger_run_id')}", "example")
         charged = ledger.events(key, run_id=dp.get("ledger_run_id"))
     if recorded and charged == recorded:
         dp["verification"] = "matches the spend recorded in the privacy ledger before training"
