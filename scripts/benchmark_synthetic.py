@@ -49,15 +49,17 @@ def build_rows(run: Path, report: dict, out: Path, samples: int, seed: int, thre
     from synthgen.sampling import prepare_pipeline
 
     started = time.perf_counter()
+    # `out` is this benchmark's own folder, and a control run may have left rows there without a
+    # manifest, which the builder would not overwrite.
+    shutil.rmtree(out, ignore_errors=True)
     if report.get("private"):
         build_dataset(BuildConfig(generator=str(run), num_samples=samples, seed=seed, out=str(out), device="cpu",
-                                  threads=threads, overwrite=out.exists(), record=False, augment=augment))
+                                  threads=threads, record=False, augment=augment))
     else:
         logger.info("%s is not private (mechanism %s): writing its rows without the builder's privacy check", run,
                     (report.get("mechanism") or {}).get("name"))
         if threads:
             torch.set_num_threads(threads)
-        shutil.rmtree(out, ignore_errors=True)
         pipeline = DPSDPipeline(generator=Generator.from_pretrained(run / "generator", use_safetensors=True),
                                 student=Classifier.from_pretrained(run / "student", use_safetensors=True))
         pipeline = prepare_pipeline(pipeline, torch.device("cpu"))

@@ -502,8 +502,8 @@ class BuildTarget:
             return "done" if json.loads(manifest.read_text()).get("complete") else "resume"
         if not out.exists() or not any(out.iterdir()):
             return "fresh"
-        # Killed after the data folder was made but before the manifest: the build asks for
-        # --overwrite, which removes only dataset files.
+        # The build writes its manifest before anything else, so this state means a bug. The
+        # build rejects --overwrite on a folder without a manifest, and the kill counts as failed.
         return "overwrite"
 
     def command(self, victim: Victim, start: str) -> list[str]:

@@ -57,6 +57,8 @@ DATA_DIR = "data"
 STATE_DIR = ".synthgen-build"
 PLAN_FILE = "plan.npz"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+# Names that shard_name() gives: --overwrite removes only these files from data/.
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[0-9]{5,}-of-[0-9]{5,}\.parquet$")
 
 
 class BuildError(ValueError):
@@ -145,6 +147,9 @@ def validate_config(config: BuildConfig) -> None:
         raise BuildError("give --out DIR, --push-to-hub NAMESPACE/NAME, or both")
     if config.overwrite and config.resume:
         raise BuildError("--overwrite and --resume exclude each other: --overwrite starts over, --resume continues")
+    if config.resume and not config.out:
+        raise BuildError("--resume continues the build in the --out folder, and without --out a build starts in a "
+                         "new temporary folder; give the --out of the interrupted build, or drop --resume")
     if config.push_to_hub:
         check_dataset_repo_id(config.push_to_hub)
 
@@ -313,7 +318,15 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
     if out.exists() and not out.is_dir():
         raise BuildError(f"output path {out} is a file; give a folder with --out")
     if not out.exists() or not [entry for entry in out.iterdir() if not _is_temporary(entry)]:
+        if config.resume:
+            raise BuildError(f"--resume was given but {out} contains no build to continue; drop --resume to start a "
+                             "new build there")
         return "fresh"
+    if not (out / MANIFEST_FILE).is_file():
+        # Without a manifest nothing shows which files a build wrote, so none may be removed.
+        raise BuildError(f"output folder {out} is not empty and contains no {MANIFEST_FILE}, so it is not a synthgen "
+                         "dataset, and a build removes only files that a build wrote. Choose an empty or new folder, "
+                         "or remove the files in it yourself")
     if config.overwrite:
         return "overwrite"
     manifest = _read_manifest(out)
@@ -323,8 +336,8 @@ def _plan_output(out: Path, config: BuildConfig, settings: dict) -> str:
         raise BuildError(f"output folder {out} is not empty{hint}. Pass --overwrite to replace the dataset files in "
                          "it, or choose an empty or new folder")
     if manifest is None:
-        raise BuildError(f"--resume was given but {out} contains no {MANIFEST_FILE}, so there is no synthgen build to "
-                         "continue; choose an empty folder or pass --overwrite")
+        raise BuildError(f"--resume was given but {out / MANIFEST_FILE} is not a build manifest (no JSON object), so "
+                         "there is no synthgen build to continue; choose an empty folder or pass --overwrite")
     previous = manifest.get("settings") or {}
     if previous.get("format") != FORMAT:
         raise BuildError(f"cannot resume the build in {out}: it was started in the layout {previous.get('format')!r}, "
@@ -345,12 +358,33 @@ def _is_temporary(entry: Path) -> bool:
 
 
 def _clear_dataset_files(out: Path) -> None:
-    """Remove the files a build writes; other files in the folder stay."""
-    for name in (CARD_FILE, MANIFEST_FILE):
-        (out / name).unlink(missing_ok=True)
-    for name in (DATA_DIR, STATE_DIR):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    """Remove the card, the build state and the shards of the build in `out`; other files stay.
+
+    The manifest stays, marked incomplete, until the caller replaces it with the new build's. A
+    process killed in between leaves a folder that --overwrite still recognises as a synthgen
+    dataset, and that --resume with the old settings does not take for complete.
+    """
+    manifest = _readable_manifest(out)
+    if manifest is not None and manifest.get("complete"):
+        atomic_write_json(out / MANIFEST_FILE, {**manifest, "complete": False})
+    (out / CARD_FILE).unlink(missing_ok=True)
+    if (out / STATE_DIR).is_dir():
+        shutil.rmtree(out / STATE_DIR)
+    data_dir = out / DATA_DIR
+    if data_dir.is_dir():
+        for entry in data_dir.iterdir():
+            if _SHARD_NAME.match(entry.name) and entry.is_file():
+                entry.unlink()
+        if not any(data_dir.iterdir()):
+            data_dir.rmdir()
+
+
+def _readable_manifest(out: Path) -> dict | None:
+    """Return the manifest in `out`, or None when it is unreadable, so that --overwrite can replace it."""
+    try:
+        return _read_manifest(out)
+    except BuildError:
+        return None
 
 
 def _size_category(rows: int) -> str:

@@ -150,7 +150,8 @@ def _add_build(commands) -> None:
     build.add_argument("--name", help="dataset name for the card and the catalog (default GENERATOR-synthetic)")
     build.add_argument("--license", default="apache-2.0", help="license identifier in the card (default apache-2.0)")
     build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty --out, removing the dataset files of an earlier build there")
+                       help="replace an earlier synthgen build in --out (a folder with synthgen_dataset.json): "
+                            "removes its card, manifest, build state and shards, and keeps other files")
     build.add_argument("--resume", action="store_true",
                        help="continue an interrupted build in --out with the same settings, skipping complete shards")
 
@@ -230,9 +231,10 @@ def _add_evaluate(commands) -> None:
     synthetic.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'")
     synthetic.add_argument("--dataset-name", help="name of the real data in the result record (default: the "
                                                   "--real-test folder name)")
-    synthetic.add_argument("--results", help="result records file to add to (default "
-                                             "benchmarks/results/synthetic_utility.json when that folder exists; "
-                                             "'' to skip)")
+    synthetic.add_argument("--results", metavar="FILE",
+                           help="JSON file of result records to add this evaluation's record to, replacing a record "
+                                "of the same dataset, generator and settings; checked before training (default: no "
+                                "file, the result goes to the catalog and standard output)")
     synthetic.add_argument("--catalog", help="catalog file (default $SYNTHGEN_CATALOG or the default catalog)")
     synthetic.add_argument("--no-catalog", action="store_true", help="do not record the evaluation in the catalog")
     synthetic.set_defaults(handler=_cmd_evaluate)

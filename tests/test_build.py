@@ -673,18 +673,96 @@ def run_cli(args, caplog) -> tuple[int, str]:
 
 def test_non_empty_output_needs_overwrite(run_dir, tmp_path, caplog):
     out = tmp_path / "out"
-    out.mkdir()
+    build(run_dir, out, num_samples=10)
     (out / "notes.txt").write_text("keep me")
-    code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out)], caplog)
+    code, message = run_cli([str(run_dir), "--num-samples", "20", "--out", str(out)], caplog)
     assert code == 2
     assert "not empty" in message
     assert "--overwrite" in message
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == 10
 
-    code, _ = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out), "--overwrite"], caplog)
+    code, _ = run_cli([str(run_dir), "--num-samples", "20", "--out", str(out), "--overwrite"], caplog)
     assert code == 0
     assert (out / "notes.txt").read_text() == "keep me"
-    assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == 10
+    assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == 20
+
+
+def file_contents(folder) -> dict:
+    """Return the bytes of each file under `folder`, by path relative to it."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_overwrite_rejects_foreign_folder(run_dir, tmp_path, caplog):
+    import pyarrow as pa
+
+    # A Hugging Face dataset folder: its shard names follow the same pattern as synthgen's.
+    out = tmp_path / "hf-dataset"
+    (out / "data").mkdir(parents=True)
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# my dataset\n")
+    table = pa.table({"text": ["a", "b"]})
+    pq.write_table(table, out / "data" / "x.parquet")
+    pq.write_table(table, out / "data" / "train-00000-of-00001.parquet")
+    (out / "data" / "train-notes.txt").write_text("keep me")
+    before = file_contents(out)
+
+    code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out), "--overwrite"], caplog)
+    assert code == 2
+    assert str(out) in message
+    assert MANIFEST_FILE in message
+    assert "Choose an empty or new folder" in message
+    assert "remove the files" in message
+    assert file_contents(out) == before
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "data"]
+
+    code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out)], caplog)
+    assert code == 2
+    assert "Choose an empty or new folder" in message
+    assert "--overwrite" not in message  # because --overwrite would be rejected too
+    assert file_contents(out) == before
+
+
+def test_overwrite_keeps_user_files(run_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    build(run_dir, out, num_samples=20, shard_size=10)
+    (out / "notes.txt").write_text("keep me")
+    (out / "data" / "mine.parquet").write_bytes(b"user bytes")
+    (out / "data" / "train-notes.txt").write_text("keep me too")
+    old_shards = sorted(path.name for path in (out / "data").glob("train-*.parquet"))
+    assert old_shards == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+
+    code, _ = run_cli([str(run_dir), "--num-samples", "30", "--shard-size", "10", "--out", str(out), "--overwrite"],
+                      caplog)
+    assert code == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert (out / "data" / "mine.parquet").read_bytes() == b"user bytes"
+    assert (out / "data" / "train-notes.txt").read_text() == "keep me too"
+    assert sorted(path.name for path in (out / "data").iterdir()) == [
+        "mine.parquet", "train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet", "train-notes.txt"]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["rows"] == 30
+    assert manifest["complete"] is True
+    assert (out / "README.md").is_file()
+    assert not (out / ".synthgen-build").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_resume_without_build_is_rejected(run_dir, tmp_path, caplog, existing):
+    out = tmp_path / "new"
+    if existing:
+        out.mkdir()
+    code, message = run_cli([str(run_dir), "--num-samples", "10", "--out", str(out), "--resume"], caplog)
+    assert code == 2
+    assert str(out) in message
+    assert "drop --resume" in message
+    assert out.exists() == existing
+    if existing:
+        assert list(out.iterdir()) == []
+
+
+def test_resume_without_out_is_rejected(run_dir):
+    with pytest.raises(BuildError, match="--resume continues the build in the --out folder"):
+        build(run_dir, None, num_samples=10, push_to_hub="tester/resumed", resume=True)
 
 
 @pytest.mark.parametrize("args, expected", [
