@@ -32,11 +32,15 @@ CLASSIFIER_WIDTH = 32
 CLASSIFIER_HIDDEN = 128
 CLASSIFIER = f"synthgen Classifier (width {CLASSIFIER_WIDTH}, hidden {CLASSIFIER_HIDDEN}), Adam"
 
-RESULTS_FILE = Path("benchmarks") / "results" / "synthetic_utility.json"
 # Fields that identify a result record; a new record replaces an old one with the same values.
-# "targets" is stored only for soft targets, so records of hard labels keep the key they had.
+# "targets" is stored only for soft targets, and "limit", "first_seed" and "validation_fraction"
+# only when they differ from the defaults, so records written before these fields existed keep
+# the key they had.
 _RECORD_KEY = ("benchmark", "metric", "dataset", "unit", "mechanism", "epsilon", "method", "synthetic_dataset",
-               "targets")
+               "targets", "epochs", "limit", "seeds", "first_seed", "validation_fraction")
+# Values of key fields that a record does not contain: the settings that records written without
+# the field were made with. They must stay fixed even if the defaults of EvaluateConfig change.
+_RECORD_KEY_DEFAULTS = {"epochs": 10, "seeds": 1, "first_seed": 0, "validation_fraction": 0.1}
 # Targets the classifier can learn. "hard" is the label column, with cross-entropy. "soft" is the
 # probabilities column (the student's softmax) at a temperature T, as in Hinton, Vinyals and Dean,
 # "Distilling the Knowledge in a Neural Network" (2015). The targets are softmax(log p / T), and
@@ -71,7 +75,7 @@ class EvaluateConfig:
     limit: int | None = None  # use only the first `limit` synthetic rows
     device: str = "auto"
     dataset_name: str | None = None  # name of the real data in the result record; default: folder name
-    results: str | None = None  # result records file; "" disables; default RESULTS_FILE when its folder exists
+    results: str | None = None  # JSON file of result records to add the record to; None or "" writes none
     catalog: str | None = None
     record: bool = True  # record the evaluation in the catalog
 
@@ -313,6 +317,8 @@ def evaluate_synthetic(config: EvaluateConfig) -> EvaluationResult:
     from .teacher import evaluate_accuracy
 
     _validate(config)
+    if config.results:
+        read_result_records(config.results)  # so that an invalid file is rejected before training
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
     soft = config.targets == "soft"
@@ -422,9 +428,38 @@ def _result_record(config: EvaluateConfig, result: EvaluationResult, manifest: d
         "classifier": describe_classifier(config),
         "epochs": config.epochs,
         **({"targets": targets_field(config)} if config.targets == "soft" else {}),
+        **({"limit": config.limit} if config.limit is not None else {}),
+        **_unless_key_default("first_seed", config.seed),
+        **_unless_key_default("validation_fraction", config.validation_fraction),
         "note": "real test split scored once per seed, after epoch selection on a synthetic validation split; "
                 "evaluation on real data, not covered by the privacy guarantee",
     }
+
+
+def _unless_key_default(name: str, value) -> dict:
+    """Return {name: value}, or {} when `value` is the one a record without the field is keyed by."""
+    return {} if value == _RECORD_KEY_DEFAULTS[name] else {name: value}
+
+
+def read_result_records(path: str | os.PathLike) -> list[dict]:
+    """Return the result records in the JSON file at `path`, or [] when it does not exist.
+
+    Raises:
+        EvaluationError: the file cannot be read or is not a JSON list of objects.
+    """
+    path = Path(path)
+    fix = "give --results a new file or a JSON list of result records, or move this file away"
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"results file {path} cannot be read ({error}); {fix}") from None
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"results file {path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(records, list) or not all(isinstance(entry, dict) for entry in records):
+        raise EvaluationError(f"results file {path} is not a JSON list of result records (objects); {fix}")
+    return records
 
 
 def write_result_record(path: str | os.PathLike, record: dict) -> Path:
@@ -432,12 +467,10 @@ def write_result_record(path: str | os.PathLike, record: dict) -> Path:
     from ._io import atomic_write_text
 
     path = Path(path)
-    existing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    if not isinstance(existing, list):
-        raise EvaluationError(f"{path} must contain a JSON list of result records")
+    existing = read_result_records(path)
 
     def key(entry: dict) -> tuple:
-        return tuple(json.dumps(entry.get(name)) for name in _RECORD_KEY)
+        return tuple(json.dumps(entry.get(name, _RECORD_KEY_DEFAULTS.get(name))) for name in _RECORD_KEY)
 
     merged = [entry for entry in existing if key(entry) != key(record)] + [record]
     atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
@@ -449,10 +482,7 @@ def _save(config: EvaluateConfig, result: EvaluationResult, manifest: dict | Non
 
     from .catalog import Catalog, CatalogError
 
-    if config.results is None:
-        target = RESULTS_FILE if RESULTS_FILE.parent.is_dir() else None
-    else:
-        target = Path(config.results) if config.results else None
+    target = Path(config.results) if config.results else None
     if target is not None:
         result.results_path = write_result_record(target, result.record)
         logger.info("result record written to %s", result.results_path)

@@ -108,6 +108,93 @@ def test_cli_records_catalog_and_results(synthetic, run_dir, mnist_small, tmp_pa
     assert rows["test_accuracy"].tolist() == pytest.approx([printed["test_accuracy"]] * 2)
 
 
+def test_quick_run_keeps_full_record(synthetic, mnist_small, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    base = ["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--results", str(results),
+            "--no-catalog", "--device", "cpu"]
+    assert main(base + ["--epochs", "2"]) == 0
+    assert main(base + ["--epochs", "1", "--limit", "20"]) == 0
+    capsys.readouterr()
+    records = json.loads(results.read_text())
+    assert [(record["epochs"], record.get("limit")) for record in records] == [(2, None), (1, 20)]
+    assert "limit" not in records[0]  # stored only when set, so records without it keep their key
+
+    assert main(base + ["--epochs", "2"]) == 0  # the same settings replace their record
+    records = json.loads(results.read_text())
+    assert [(record["epochs"], record.get("limit")) for record in records] == [(1, 20), (2, None)]
+
+
+def test_record_key_includes_training_settings(synthetic, mnist_small, tmp_path):
+    results = tmp_path / "results.json"
+    variants = [{}, {"epochs": 2}, {"limit": 40}, {"seeds": 2}, {"seed": 1}, {"validation_fraction": 0.2}]
+    for changes in variants:
+        settings = {"epochs": 1, "limit": 20, **changes}
+        evaluate_synthetic(config(synthetic, mnist_small, results=str(results), **settings))
+    records = json.loads(results.read_text())
+    assert len(records) == len(variants)
+    assert [record.get("first_seed") for record in records] == [None, None, None, None, 1, None]
+    assert [record.get("validation_fraction") for record in records] == [None, None, None, None, None, 0.2]
+    assert [record["seeds"] for record in records] == [1, 1, 1, 2, 1, 1]
+
+    evaluate_synthetic(config(synthetic, mnist_small, results=str(results), epochs=1, limit=20, seed=1))
+    assert len(json.loads(results.read_text())) == len(variants)
+
+
+def test_record_without_new_fields_keeps_key(tmp_path):
+    from synthgen.evaluate import write_result_record
+
+    # A record written before epochs, limit, first_seed and validation_fraction were key fields.
+    old = {"benchmark": "synthetic_utility", "metric": "synthetic_accuracy", "dataset": "mnist", "unit": "example",
+           "mechanism": "gaussian", "epsilon": 10, "method": "synthgen", "synthetic_dataset": "datasets/a",
+           "seeds": 1, "value": 90.0}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([old]))
+    write_result_record(results, {**old, "epochs": 10, "value": 91.0})
+    assert [record["value"] for record in json.loads(results.read_text())] == [91.0]
+
+    write_result_record(results, {**old, "epochs": 2, "value": 80.0})
+    assert [record["value"] for record in json.loads(results.read_text())] == [91.0, 80.0]
+
+
+def test_results_file_off_by_default(synthetic, mnist_small, tmp_path, monkeypatch, capsys):
+    # The working folder looks like a synthgen checkout, whose benchmark records are tracked files.
+    benchmark_results = tmp_path / "benchmarks" / "results"
+    benchmark_results.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--epochs", "1",
+                 "--limit", "20", "--no-catalog", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"] is None
+    assert list(benchmark_results.iterdir()) == []
+
+
+@pytest.mark.parametrize("contents, expected", [
+    ("not json", "is not valid JSON"),
+    ('{"value": 1}', "is not a JSON list of result records"),
+    ("[1, 2]", "is not a JSON list of result records"),
+])
+def test_invalid_results_file_fails_early(synthetic, mnist_small, tmp_path, monkeypatch, caplog, contents, expected):
+    import synthgen.evaluate
+
+    trained = []
+    real_train = synthgen.evaluate.train_and_select
+
+    def counting_train(*args, **kwargs):
+        trained.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(synthgen.evaluate, "train_and_select", counting_train)
+    results = tmp_path / "results.json"
+    results.write_text(contents)
+    code = main(["evaluate", "synthetic", str(synthetic), "--real-test", str(mnist_small), "--epochs", "1",
+                 "--limit", "20", "--results", str(results), "--no-catalog", "--device", "cpu"])
+    assert code == 2
+    assert str(results) in caplog.text
+    assert expected in caplog.text
+    assert trained == []
+    assert results.read_text() == contents
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--epochs", "0"], "--epochs must be an integer >= 1"),
     (["--seeds", "0"], "--seeds must be an integer >= 1"),
