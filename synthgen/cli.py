@@ -7,12 +7,21 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 import typing
+from pathlib import Path
 
 from .app_cli import add_commands as add_app_commands
 from .audit_cli import add_commands as add_audit_commands
-from .config import TeacherTrainConfig, TranscribeConfig, build_config, load_config_file
+from .config import (
+    TeacherTrainConfig,
+    TranscribeConfig,
+    build_config,
+    check_teacher_train_options,
+    check_transcribe_options,
+    load_config_file,
+)
 from .dataset_cli import add_commands as add_dataset_commands
 from .ensemble_cli import add_commands as add_ensemble_commands
 from .hub_cli import add_commands as add_hub_commands
@@ -74,9 +83,8 @@ def _cmd_train_teacher(args) -> int:
         raise ValueError("no private data given: pass --data FOLDER_OR_HUB_ID")
     if (config.resume or config.stop_after is not None) and not config.dp:
         raise ValueError("--resume and --stop-after apply to DP training only: add --dp, or drop them")
-    train = load_image_data(config.data, "train")
-    if config.limit:
-        train = train.subset(config.limit, seed=config.seed)
+    check_teacher_train_options(config)
+    train = _limit_training_split(load_image_data(config.data, "train"), config.limit, config.seed)
     test = load_image_data(config.data, config.eval_split) if config.eval_split else None
     teacher = (train_teacher_dp if config.dp else train_teacher)(config, train, test)
     if teacher is None:  # stopped by --stop-after
@@ -90,10 +98,35 @@ def _cmd_train_teacher(args) -> int:
     return 0
 
 
+def _limit_training_split(train, limit: int | None, seed: int):
+    """Draw `limit` random examples of `train`, or keep them all, with a warning when `limit` exceeds its size."""
+    if limit is None:
+        return train
+    if limit > len(train):
+        logger.warning("--limit %d is larger than the training split (%d examples); training on all %d",
+                       limit, len(train), len(train))
+    return train.subset(limit, seed=seed)
+
+
+def _check_run_folder_path(out: str) -> None:
+    """Raise ValueError when --out, or the nearest existing folder above it, is a file."""
+    path = Path(os.path.abspath(out))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder; choose another --out")
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise ValueError(f"--out {path} is inside {parent}, which is a file, not a folder; choose another --out")
+        return
+
+
 def _cmd_transcribe(args) -> int:
     from .transcribe import transcribe
 
     config = _collect(args, TranscribeConfig)
+    check_transcribe_options(config)
+    _check_run_folder_path(config.out)
     result = transcribe(config)
     if not result.main_process:
         return 0  # another rank of a distributed run; rank 0 prints the summary

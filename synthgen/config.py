@@ -193,3 +193,38 @@ class TeacherTrainConfig:
     stop_after: int | None = option(None, "DP-SGD: stop after this many steps as if interrupted (for tests of --resume)")
     noise_seed: int | None = option(None, "DP-SGD: seed of the noise and of Poisson sampling, for reproducible tests "
                                     "only: the guarantee assumes both are secret. Default: drawn from os.urandom")
+
+
+LIMIT_FIX = "omit --limit to train on every example"
+THREADS_FIX = "omit --threads to let torch choose"
+
+
+def check_int_option(flag: str, value: Any, minimum: int, fix: str = "") -> None:
+    """Raise ValueError, naming `flag` and the value, unless `value` is an integer >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        message = f"{flag} must be an integer >= {minimum}, got {value!r}"
+        raise ValueError(f"{message}; {fix}" if fix else message)
+
+
+def check_teacher_train_options(config: TeacherTrainConfig) -> None:
+    """Raise ValueError for settings that train-teacher cannot use, before any data is loaded.
+
+    The DP-SGD settings that depend on the dataset size, such as --delta, are checked once it is loaded.
+    """
+    check_int_option("--epochs", config.epochs, 1)
+    check_int_option("--batch-size", config.batch_size, 1)
+    if config.limit is not None:
+        check_int_option("--limit", config.limit, 1, LIMIT_FIX)
+    # Training without --dp keeps no average and ignores the decay, as it ignores the other DP-SGD settings.
+    decay = config.ema_decay
+    if config.dp and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1):
+        raise ValueError(f"--ema-decay must be in [0, 1), got {decay!r}; pass for example 0.999, or 0 to keep no "
+                         "average")
+
+
+def check_transcribe_options(config: TranscribeConfig) -> None:
+    """Raise ValueError for --threads and --eval-limit values that transcribe cannot use, before anything is loaded."""
+    if config.threads is not None:
+        check_int_option("--threads", config.threads, 1, THREADS_FIX)
+    if config.eval_limit is not None:
+        check_int_option("--eval-limit", config.eval_limit, 1, "omit --eval-limit to evaluate on every test image")

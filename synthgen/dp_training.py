@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, check_output_folder
-from .config import TeacherTrainConfig
+from .config import TeacherTrainConfig, check_teacher_train_options
 from .data import ImageData
 from .teacher import (META_FILE, LoadedTeacher, TeacherError, TeacherMeta, evaluate_accuracy, fingerprint_state,
                       make_optimizer, save_teacher, validate_head)
@@ -465,6 +465,7 @@ def train_teacher_dp(config: TeacherTrainConfig, train: ImageData, test: ImageDa
 
     from .privacy.accounting import POISSON_GAUSSIAN, PrivacyEvent
 
+    check_teacher_train_options(config)
     _check_settings(config, train)
     out = Path(config.out)
     settings = _settings(config, train)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._io import atomic_directory, atomic_write_json, check_output_folder
+from .config import THREADS_FIX, check_int_option
 from .ensemble_cli import EnsembleTrainConfig
 from .data import ImageData
 from .teacher import TeacherError, TeacherMeta, fingerprint_state
@@ -371,7 +372,8 @@ def train_ensemble(config: EnsembleTrainConfig, train: ImageData, test: ImageDat
             raise EnsembleError(f"{name} must be an integer >= 1, got {value!r}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise EnsembleError(f"lr must be a finite number > 0, got {config.lr!r}")
-    if config.threads:
+    if config.threads is not None:
+        check_int_option("--threads", config.threads, 1, THREADS_FIX)
         torch.set_num_threads(config.threads)
 
     plan = ShardPlan.create(len(train), config.num_teachers, config.seed, train.fingerprint)

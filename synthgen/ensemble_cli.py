@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from .config import option
+from .config import LIMIT_FIX, THREADS_FIX, check_int_option, option
 
 _EPILOG = ("The ensemble is private: it is a function of the private data and is never released. Accuracies are "
            "measured on the real test split (evaluation on private data). Exit status: 0 on success, 2 on invalid "
@@ -34,7 +34,7 @@ class EnsembleTrainConfig:
 
 
 def _cmd_train_teachers(args) -> int:
-    from .cli import _collect
+    from .cli import _collect, _limit_training_split
     from .data import load_image_data
     from .ensemble import check_num_teachers, train_ensemble
 
@@ -42,9 +42,11 @@ def _cmd_train_teachers(args) -> int:
     if not config.data:
         raise ValueError("no private data given: pass --data FOLDER_OR_HUB_ID")
     check_num_teachers(config.num_teachers)
-    train = load_image_data(config.data, "train")
-    if config.limit:
-        train = train.subset(config.limit, seed=config.seed)
+    if config.limit is not None:
+        check_int_option("--limit", config.limit, 1, LIMIT_FIX)
+    if config.threads is not None:
+        check_int_option("--threads", config.threads, 1, THREADS_FIX)
+    train = _limit_training_split(load_image_data(config.data, "train"), config.limit, config.seed)
     test = load_image_data(config.data, config.eval_split) if config.eval_split else None
     teacher = train_ensemble(config, train, test)
     print(json.dumps({

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._io import atomic_directory, atomic_write_json, check_output_folder
-from .config import TeacherTrainConfig
+from .config import TeacherTrainConfig, check_teacher_train_options
 from .data import ImageData
 
 logger = logging.getLogger(__name__)
@@ -341,6 +341,7 @@ def train_teacher(config: TeacherTrainConfig, train: ImageData, test: ImageData 
     if config.augment_multiplicity != 1 or config.weight_standardization:
         raise ValueError("augment_multiplicity and weight_standardization are DP-SGD settings; add --dp, or leave "
                          f"them at 1 and off (got {config.augment_multiplicity}, {config.weight_standardization})")
+    check_teacher_train_options(config)
     validate_head(config)
     check_output_folder(config.out, (META_FILE,), "teacher", config.overwrite)
     torch.manual_seed(config.seed)

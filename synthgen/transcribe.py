@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._io import atomic_directory, atomic_write_bytes, atomic_write_json, sweep_stale_temporaries
-from .config import TranscribeConfig
+from .config import TranscribeConfig, check_transcribe_options
 from .data import ImageData, load_image_data
 from .dp_training import augmented_copies
 from .privacy.accounting import (
@@ -97,6 +97,10 @@ class TranscriptionResult:
 
 
 def _check_settings(config: TranscribeConfig) -> None:
+    try:
+        check_transcribe_options(config)
+    except ValueError as error:
+        raise TranscriptionError(str(error)) from None
     if config.mechanism not in MECHANISMS:
         raise TranscriptionError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {config.mechanism!r}")
     if config.mechanism in ("gaussian", "noisy-label"):
@@ -976,6 +980,7 @@ def transcribe(config: TranscribeConfig) -> TranscriptionResult:
     """Run one transcription as configured; see the module docstring for the loop."""
     from tqdm.auto import tqdm
 
+    _check_settings(config)  # again in _prepare; first here, because the thread count is used at once
     if config.threads:
         torch.set_num_threads(config.threads)
     if distributed.is_worker_process():
