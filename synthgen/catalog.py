@@ -214,7 +214,7 @@ class Catalog:
         self.refresh_row_views()
 
     def close(self) -> None:
-        self._db.close()
+        self._db.close()  # a second call does nothing
 
     def __enter__(self) -> "Catalog":
         return self
@@ -223,6 +223,30 @@ class Catalog:
         self.close()
 
     # ------------------------------------------------------------ queries
+
+    def read_only_sql(self, query: str) -> "pandas.DataFrame":
+        """Run one SQL statement on a read-only connection to the catalog file; return its result.
+
+        The catalog is closed first, because DuckDB lets one process open a file either for
+        writing or for reading. Statements that would change the catalog fail with CatalogError.
+        """
+        import duckdb
+
+        self.close()
+        try:
+            connection = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as error:
+            raise CatalogError(f"cannot open the catalog {self.path} to read: {str(error).splitlines()[0]}") from None
+        try:
+            return connection.execute(query).df()
+        except duckdb.Error as error:
+            message = str(error).strip()
+            if "read-only" in message.lower():
+                message += ("; 'synthgen catalog sql' only reads the catalog: record with its add- commands, or "
+                            "change it with the Python API (synthgen.catalog.Catalog.sql)")
+            raise CatalogError(f"query failed: {message}") from None
+        finally:
+            connection.close()
 
     def sql(self, query: str, parameters: list | None = None) -> "pandas.DataFrame":
         """Run one SQL statement and return its result as a pandas DataFrame."""

@@ -72,7 +72,7 @@ def _cmd_catalog(args) -> int:
     command = args.catalog_command or "show"
     with Catalog(args.db) as catalog:
         if command == "sql":
-            _print_frame(catalog.sql(args.query), args.format)
+            _print_frame(catalog.read_only_sql(args.query), args.format)
         elif command == "add-run":
             for run_dir in args.run_dirs:
                 row = catalog.record_run(run_dir)
@@ -181,7 +181,7 @@ def _add_catalog(commands) -> None:
                                       "~/.local/share/synthgen/catalog.duckdb)")
     sub = catalog.add_subparsers(dest="catalog_command")
     sub.add_parser("show", help="print the table sizes, dataset provenance and budget spent (the default)")
-    sql = sub.add_parser("sql", help="run one SQL query and print the result")
+    sql = sub.add_parser("sql", help="run one read-only SQL query and print the result")
     sql.add_argument("query", help='for example "SELECT * FROM dataset_provenance"')
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     add_run = sub.add_parser("add-run", help="record finished run folders and sync the ledger they used")

@@ -168,3 +168,12 @@ def test_default_path_follows_environment(monkeypatch, tmp_path):
     assert default_catalog_path() == tmp_path / "data" / "synthgen" / "catalog.duckdb"
     monkeypatch.setenv("SYNTHGEN_CATALOG", str(tmp_path / "mine.duckdb"))
     assert default_catalog_path() == tmp_path / "mine.duckdb"
+
+
+def test_cli_sql_cannot_change_catalog(built, caplog):
+    before = main(["catalog", "--db", str(built[0]), "sql", "SELECT COUNT(*) AS n FROM datasets", "--format", "csv"])
+    assert before == 0
+    assert main(["catalog", "--db", str(built[0]), "sql", "DELETE FROM datasets"]) == 2
+    assert "only reads the catalog" in caplog.text
+    with Catalog(built[0]) as opened:
+        assert opened.sql("SELECT COUNT(*) AS n FROM datasets")["n"].iloc[0] == 2
