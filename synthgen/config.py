@@ -152,7 +152,8 @@ def build_config(cls, values: dict):
 
 @dataclass
 class TeacherTrainConfig:
-    data: str = option("", "private training data: a folder of IDX, parquet or class-folder images, or a Hub dataset id",
+    data: str = option("", "private training data: a folder of IDX, parquet or class-folder images, a Hub dataset id, "
+                       "or mnist or fashion-mnist (the local copies synthgen finds or fetches)",
                        required=True)
     out: str = option("runs/teacher", "folder to write the teacher to (config, safetensors weights, metadata)")
     epochs: int = option(3, "passes over the private training split")

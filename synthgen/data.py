@@ -309,10 +309,13 @@ def load_image_data(source: str | os.PathLike, split: str = "train", class_names
                 )
     elif _looks_like_hub_id(source_str):
         data = _load_from_hub(source_str, split)
+    elif source_str in _NPM_PACKAGES or source_str in _DEBIAN_PACKAGES:
+        # A bare built-in name that is not a folder here: the local copy that locate_dataset finds or fetches.
+        data = load_idx(locate_dataset(source_str), split, class_names)
     else:
         raise DataError(
-            f"dataset {source_str!r} not found: give a folder of IDX, parquet or class-folder images, "
-            "or a Hub dataset id such as ylecun/mnist"
+            f"dataset {source_str!r} not found: give a folder of IDX, parquet or class-folder images, a Hub "
+            "dataset id such as ylecun/mnist, or the name mnist or fashion-mnist"
         )
     if class_names is not None and list(class_names) != data.class_names:
         if len(class_names) != len(data.class_names):

@@ -15,7 +15,8 @@ _EPILOG = ("The ensemble is private: it is a function of the private data and is
 
 @dataclass
 class EnsembleTrainConfig:
-    data: str = option("", "private training data: a folder of IDX, parquet or class-folder images, or a Hub dataset id",
+    data: str = option("", "private training data: a folder of IDX, parquet or class-folder images, a Hub dataset id, "
+                       "or mnist or fashion-mnist (the local copies synthgen finds or fetches)",
                        required=True)
     out: str = option("runs/ensemble", "folder to write the ensemble to (stacked weights, shard plan, metadata)")
     num_teachers: int = option(100, "number K of teachers, one per disjoint shard of the training set (K >= 2)")

@@ -30,6 +30,16 @@ def test_real_mnist_statistics(mnist_dir):
     assert np.bincount(test.labels).tolist()[:3] == [980, 1135, 1032]
 
 
+def test_builtin_name_loads_local_copy(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_image_data("mnist", "test")
+    assert by_name.fingerprint == load_image_data(mnist_dir, "test").fingerprint
+    # A folder of that name in the current folder is what the user means.
+    (tmp_path / "mnist").mkdir()
+    with pytest.raises(DataError, match="holds no IDX files"):
+        load_image_data("mnist", "test")
+
+
 def test_fingerprint_ignores_order_but_not_content(mnist_small):
     data = load_image_data(mnist_small, "train")
     order = np.random.default_rng(0).permutation(len(data))
