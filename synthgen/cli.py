@@ -151,11 +151,29 @@ def _cmd_transcribe(args) -> int:
 
 
 def _cmd_ledger(args) -> int:
-    from .privacy.ledger import Ledger, LedgerKey
+    from .privacy.ledger import Ledger, LedgerKey, default_ledger_path
 
+    if args.ledger_command == "show":
+        path = Path(args.ledger).expanduser() if args.ledger else default_ledger_path()
+        if not path.is_file():
+            if args.ledger:  # a mistyped path must not read as "nothing spent"
+                raise ValueError(f"no privacy ledger at --ledger {path}; check the path (a DP training or a "
+                                 "transcription creates the ledger)")
+            logger.info("no privacy ledger at %s yet: nothing has been spent", path)
+            print("[]")
+            return 0
     with Ledger(args.ledger) as ledger:
         if args.ledger_command == "show":
-            print(json.dumps(ledger.summary(), indent=2, default=str))
+            rows = ledger.summary()
+            for row in rows:
+                # The epsilon of the row's whole scope, composed over all its spends, at the delta
+                # of the scope's cap (1e-5 when it has none).
+                key = LedgerKey(row["dataset_fingerprint"], row["teacher_fingerprint"], row["unit"])
+                cap = ledger.budget(key)
+                delta = cap[1] if cap else 1e-5
+                row.update(scope=key.scope, scope_epsilon=round(ledger.spent_epsilon(key, delta), 6),
+                           at_delta=delta, scope_cap=cap[0] if cap else None)
+            print(json.dumps(rows, indent=2, default=str))
         elif args.ledger_command == "set-budget":
             from .privacy.accounting import validate_delta, validate_epsilon
 

@@ -110,3 +110,23 @@ def test_process_exit_code_on_bad_input(small_teacher, tmp_path):
     assert result.returncode == 2
     assert "epsilon must be a finite number > 0, got -3.0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ledger_show_missing_file_exit_2(tmp_path, caplog):
+    missing = tmp_path / "typo" / "ledger.duckdb"
+    assert main(["ledger", "--ledger", str(missing), "show"]) == 2
+    assert f"no privacy ledger at --ledger {missing}" in caplog.text
+    assert not missing.parent.exists()
+
+
+def test_ledger_show_states_spent_epsilon(small_teacher, tmp_path, capsys):
+    ledger = tmp_path / "ledger.duckdb"
+    assert main(transcribe_args(small_teacher, tmp_path / "run", "--epsilon", "3", "--ledger", str(ledger))) == 0
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    capsys.readouterr()
+    assert main(["ledger", "--ledger", str(ledger), "show"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1
+    assert rows[0]["scope"] == f"teacher:{rows[0]['teacher_fingerprint']}"
+    assert rows[0]["scope_epsilon"] == pytest.approx(report["epsilon"], abs=1e-4)
+    assert rows[0]["at_delta"] == 1e-5
