@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 logger = logging.getLogger("synthgen")
 
@@ -67,9 +68,13 @@ def _print_frame(frame, output_format: str) -> None:
 
 
 def _cmd_catalog(args) -> int:
-    from .catalog import Catalog
+    from .catalog import Catalog, CatalogError
 
     command = args.catalog_command or "show"
+    if command in ("show", "sql") and args.db and not Path(args.db).expanduser().is_file():
+        # Opening would create an empty catalog, and a mistyped path would then read as "nothing recorded".
+        raise CatalogError(f"no catalog at --db {Path(args.db).expanduser()}; check the path (the add- commands and "
+                           "dataset builds create it)")
     with Catalog(args.db) as catalog:
         if command == "sql":
             _print_frame(catalog.read_only_sql(args.query), args.format)

@@ -177,3 +177,11 @@ def test_cli_sql_cannot_change_catalog(built, caplog):
     assert "only reads the catalog" in caplog.text
     with Catalog(built[0]) as opened:
         assert opened.sql("SELECT COUNT(*) AS n FROM datasets")["n"].iloc[0] == 2
+
+
+@pytest.mark.parametrize("command", [[], ["sql", "SELECT 1"]])
+def test_cli_missing_catalog_exit_2(tmp_path, caplog, command):
+    missing = tmp_path / "typo" / "catalog.duckdb"
+    assert main(["catalog", "--db", str(missing), *command]) == 2
+    assert f"no catalog at --db {missing}" in caplog.text
+    assert not missing.parent.exists()
