@@ -207,8 +207,12 @@ class Catalog:
         try:
             self._db = duckdb.connect(str(self.path))
         except duckdb.IOException as error:
-            raise CatalogError(f"cannot open the catalog {self.path}: {str(error).splitlines()[0]}. Another "
-                               "process may have it open; wait for it to finish") from None
+            first_line = str(error).splitlines()[0]
+            if "lock" in first_line.lower():
+                hint = "Another process has it open; wait for it to finish"
+            else:
+                hint = "Give --db a DuckDB catalog file, or a path where a new one may be created"
+            raise CatalogError(f"cannot open the catalog {self.path}: {first_line}. {hint}") from None
         self._db.execute(_SCHEMA)
         self._db.execute(_VIEWS)
         self.refresh_row_views()
@@ -305,6 +309,8 @@ class Catalog:
 
         run_dir = Path(run_dir).expanduser().resolve()
         report_path = run_dir / "privacy_report.json"
+        if not run_dir.is_dir():
+            raise CatalogError(f"run folder {run_dir} not found; give the --out folder of a finished transcription")
         if not report_path.is_file():
             raise CatalogError(f"{run_dir} contains no privacy_report.json; give a finished run folder")
         report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -403,10 +409,16 @@ class Catalog:
 
         folder = Path(folder).expanduser().resolve()
         manifest_path = folder / MANIFEST_FILE
+        if not folder.is_dir():
+            raise CatalogError(f"dataset folder {folder} not found; give the --out folder of 'synthgen build-dataset'")
         if not manifest_path.is_file():
             raise CatalogError(f"{folder} contains no {MANIFEST_FILE}; give a folder written by "
                                "'synthgen build-dataset'")
-        return self.record_dataset(json.loads(manifest_path.read_text(encoding="utf-8")), path=folder)
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not manifest.get("complete"):
+            raise CatalogError(f"the build in {folder} is not complete; finish it with 'synthgen build-dataset ... "
+                               "--resume' first")
+        return self.record_dataset(manifest, path=folder)
 
     def record_evaluation(self, row: dict) -> None:
         self._upsert("evaluations", {**row, "recorded_at": _now()})

@@ -185,3 +185,16 @@ def test_cli_missing_catalog_exit_2(tmp_path, caplog, command):
     assert main(["catalog", "--db", str(missing), *command]) == 2
     assert f"no catalog at --db {missing}" in caplog.text
     assert not missing.parent.exists()
+
+
+def test_cli_wrong_paths_named(tmp_path, caplog):
+    not_catalog = tmp_path / "notes.txt"
+    not_catalog.write_text("notes")
+    assert main(["catalog", "--db", str(not_catalog), "add-dataset", str(tmp_path)]) == 2
+    assert "not a valid DuckDB database file" in caplog.text
+    assert "Another process" not in caplog.text
+    catalog = tmp_path / "catalog.duckdb"
+    assert main(["catalog", "--db", str(catalog), "add-dataset", str(tmp_path / "missing")]) == 2
+    assert f"dataset folder {tmp_path / 'missing'} not found" in caplog.text
+    assert main(["catalog", "--db", str(catalog), "add-run", str(tmp_path / "no-run")]) == 2
+    assert f"run folder {tmp_path / 'no-run'} not found" in caplog.text
