@@ -234,6 +234,9 @@ def dataset_to_image_data(ds: "datasets.Dataset", source: str, split: str) -> Im
 
 def _parquet_files(path: Path, split: str) -> list[str]:
     if path.is_file():
+        if path.suffix.lower() != ".parquet":
+            raise DataError(f"{path} is a file but not a .parquet file; give a folder of IDX, parquet or "
+                            "class-folder images, or one parquet file")
         return [str(path)]
     patterns = [f"{split}/**/*.parquet", f"data/{split}-*.parquet", f"{split}-*.parquet", f"**/{split}*.parquet"]
     for pattern in patterns:

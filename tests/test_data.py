@@ -159,3 +159,10 @@ def test_fetch_failure_names_package_and_fix(tmp_path, monkeypatch):
         _fetch("fashion-mnist", target)
     assert not target.exists()
     assert [path.name for path in target.parent.iterdir()] == [".fashion-mnist.lock"]  # no half-fetched folder
+
+
+def test_plain_file_is_not_read_as_parquet(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not images")
+    with pytest.raises(DataError, match="is a file but not a .parquet file"):
+        load_image_data(notes)
