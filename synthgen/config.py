@@ -158,7 +158,7 @@ class TeacherTrainConfig:
     out: str = option("runs/teacher", "folder to write the teacher to (config, safetensors weights, metadata)")
     epochs: int = option(3, "passes over the private training split")
     batch_size: int = option(128, "examples per optimiser step")
-    lr: float = option(1e-3, "learning rate (Adam)")
+    lr: float = option(1e-3, "learning rate of --optimizer (Adam or SGD)")
     width: int = option(32, "channel width of the CNN")
     hidden: int = option(128, "size of the hidden linear layer (0: none, only with --frontend scatter)")
     frontend: str = option("pixels", "'pixels': a CNN on the pixels; 'scatter': a fixed wavelet scattering transform "
