@@ -216,7 +216,10 @@ def main() -> int:
                 processes=args.processes,
                 note=f"labelled images written into parquet per second by torchrun with {args.processes} processes "
                      "of one torch thread each, timed by the build from loading the generator to the card"))
-        path = write_records("build", records, replace_keys=("metric", "precision", "processes", "augment"))
+        # Throughput depends on the CPU (bfloat16 runs fast only with AMX or AVX-512 BF16), so records
+        # of another machine are kept beside this one's.
+        path = write_records("build", records,
+                             replace_keys=("metric", "precision", "processes", "augment", "hardware"))
         logger.info("wrote %s", path)
     finally:
         if not args.work:
