@@ -93,7 +93,7 @@ def features(dataset: str, copy: int, cache: Path):
 
     path = cache / f"{dataset}-train-{copy}.pt"
     if path.is_file():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # the cache contains two tensors
     data = load_idx(locate_dataset(dataset), "train")
     images = torch.from_numpy(data.images)
     if copy:
