@@ -432,16 +432,24 @@ class _CallableModule(torch.nn.Module):
 
 
 def summarise(result: dict) -> dict:
-    """Return the headline numbers of an audit: AUC and TPR at 0.1% FPR per attack and target."""
+    """Return the headline numbers of an audit: AUC and TPR at 0.1% FPR per attack and target.
+
+    Raises:
+        ValueError: `result` is not the content of an audit.json that `synthgen audit` wrote.
+    """
     summary = {}
-    for attack, targets in result["attacks"].items():
-        for target, metrics in targets.items():
-            summary[f"{attack}/{target}"] = {
-                "auc": round(metrics["auc"]["value"], 4),
-                "tpr_at_0.001_fpr": round(metrics["tpr_at_0.001_fpr"]["value"], 4),
-                "tpr_at_0.01_fpr": round(metrics["tpr_at_0.01_fpr"]["value"], 4),
-                "dp_tpr_bound_at_0.01_fpr": metrics["dp_tpr_bound"]["at_0.01_fpr"],
-            }
-    summary["nearest_neighbour/closer_to_training_fraction"] = round(
-        result["nearest_neighbour"]["closer_to_training_fraction"]["value"], 4)
+    try:
+        for attack, targets in result["attacks"].items():
+            for target, metrics in targets.items():
+                summary[f"{attack}/{target}"] = {
+                    "auc": round(metrics["auc"]["value"], 4),
+                    "tpr_at_0.001_fpr": round(metrics["tpr_at_0.001_fpr"]["value"], 4),
+                    "tpr_at_0.01_fpr": round(metrics["tpr_at_0.01_fpr"]["value"], 4),
+                    "dp_tpr_bound_at_0.01_fpr": metrics["dp_tpr_bound"]["at_0.01_fpr"],
+                }
+        summary["nearest_neighbour/closer_to_training_fraction"] = round(
+            result["nearest_neighbour"]["closer_to_training_fraction"]["value"], 4)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"the audit results are not those of 'synthgen audit' (missing or malformed "
+                         f"{error}); run 'synthgen audit' on the run again, or delete its audit.json") from None
     return summary

@@ -299,6 +299,17 @@ def _find_keys(node, keys: set[str]) -> set[str]:
     return found
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """Return the JSON object in `path`; raise ReleaseError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ReleaseError(f"{path} is not a readable JSON {what} ({error}); write it again with synthgen") from None
+    if not isinstance(value, dict):
+        raise ReleaseError(f"{path} is not a JSON {what} (an object); write it again with synthgen")
+    return value
+
+
 def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id: str | None = None,
                   revision: str | None = None, license: str = "apache-2.0") -> list[str]:  # noqa: A002
     """Write the release of a finished run into `folder` (empty or new) and check it.
@@ -315,7 +326,7 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
     if not (run_dir / REPORT_FILE).is_file():
         raise IncompleteReleaseError(f"{run_dir} contains no finished run ({REPORT_FILE} is missing); finish the "
                                      "transcription first, or resume it with --resume")
-    report = json.loads((run_dir / REPORT_FILE).read_text())
+    report = _read_json(run_dir / REPORT_FILE, "privacy report")
     if not report.get("private"):
         raise ReleaseError(f"run {run_dir} is not private (mechanism {report.get('mechanism', {}).get('name')!r}); "
                            "only DP runs can be published")
@@ -329,6 +340,23 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
                 raise IncompleteReleaseError(f"{source / name} is missing; the run folder is incomplete")
     if not (run_dir / "samples.png").is_file():
         raise IncompleteReleaseError(f"{run_dir / 'samples.png'} is missing; the run folder is incomplete")
+
+    # A datasheet whose own numbers do not recompute must not be published: the report was
+    # altered, or written by a synthgen whose accounting differs from this one.
+    from .cards import release_facts
+    from .recompute import recompute_card
+
+    audit_path = run_dir / AUDIT_FILE
+    try:
+        recomputation = recompute_card(release_facts(report, _read_json(audit_path, "audit")
+                                                     if audit_path.is_file() else None))
+    except ValueError as error:
+        raise ReleaseError(f"the release of {run_dir} cannot be checked: {error}") from None
+    if not recomputation.passed:
+        failed = "; ".join(f"{check.name}: {check.detail}" for check in recomputation.checks if not check.passed)
+        raise ReleaseError(f"the privacy report of {run_dir} does not agree with its own events ({failed}); nothing "
+                           "was published. Run 'synthgen privacy recompute' on the run to see every check, and "
+                           "publish only a report that synthgen wrote")
 
     # Loading both parts checks that they are the classes the pipeline expects.
     pipeline = DPSDPipeline(generator=Generator.from_pretrained(run_dir / "generator", use_safetensors=True),
@@ -344,7 +372,7 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
     audit = None
     if (run_dir / AUDIT_FILE).is_file():
         shutil.copyfile(run_dir / AUDIT_FILE, folder / AUDIT_FILE)
-        audit = json.loads((run_dir / AUDIT_FILE).read_text())
+        audit = _read_json(run_dir / AUDIT_FILE, "audit")
     card = render_card(report, repo_id=repo_id, revision=revision, license=license, audit=audit)
     (folder / CARD_FILE).write_text(card, encoding="utf-8")
     return check_release_folder(folder, run_dir)

@@ -158,6 +158,20 @@ def _check_mechanism(block: dict, events, checks: list[Check]) -> None:
     mechanism = block.get("mechanism") or {}
     name = mechanism.get("name")
     charged = [event for event in events if event.kind != "poisson_gaussian"]
+    unit = block.get("unit")
+    if name in ("gaussian", "noisy-label", "gnmax"):
+        # One teacher can change arbitrarily when one example changes, so noise on its answers
+        # protects the teacher as a whole. Only an ensemble of >= 2 teachers on disjoint shards
+        # supports the example level, and GNMax exists only for such an ensemble.
+        teachers = mechanism.get("num_teachers")
+        ensemble = isinstance(teachers, int) and not isinstance(teachers, bool) and teachers >= 2
+        expected = "example" if ensemble and name in ("gaussian", "gnmax") else "teacher"
+        checks.append(Check("unit", unit == expected and (ensemble or name != "gnmax"),
+                            f"unit {unit!r} with mechanism {name!r} and num_teachers {teachers!r}; expected "
+                            f"{expected!r}"))
+    elif name == "dp-teacher":
+        expected = (block.get("teacher_dp") or {}).get("unit", "example")
+        checks.append(Check("unit", unit == expected, f"unit {unit!r}, the DP-SGD teacher's unit {expected!r}"))
     if name in ("gaussian", "noisy-label", "gnmax"):
         total = sum(event.count for event in charged)
         checks.append(Check("queries", block.get("queries") == total,

@@ -406,6 +406,45 @@ def test_stage_rejects_broken_run(run_dir, tmp_path, change, error, message):
         stage_release(copy, tmp_path / "staged")
 
 
+def report_change(field, value):
+    def change(run):
+        report = json.loads((run / "privacy_report.json").read_text())
+        report[field] = value
+        (run / "privacy_report.json").write_text(json.dumps(report))
+    return change
+
+
+@pytest.mark.parametrize("change,message", [
+    # An epsilon below what the events cost, and a single teacher's run relabelled example-level.
+    (report_change("epsilon", 1.0), r"does not agree with its own events \(epsilon: "),
+    (report_change("unit", "example"), r"does not agree with its own events \(unit: "),
+    (lambda run: (run / "privacy_report.json").write_text("{not json"), "privacy_report.json is not a readable JSON"),
+    (lambda run: (run / "audit.json").write_text('{"format": "x"}'), "not those of 'synthgen audit'"),
+])
+def test_stage_rejects_report_that_does_not_recompute(run_dir, tmp_path, change, message):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    change(copy)
+    with pytest.raises(ReleaseError, match=message):
+        stage_release(copy, tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()
+
+
+def test_push_of_altered_report_creates_no_repo(hub, run_dir, repo_id, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    report_change("epsilon", 1.0)(copy)
+    with pytest.raises(ReleaseError, match="does not agree"):
+        push(copy, repo_id)
+    from huggingface_hub import HfApi
+
+    assert not HfApi().repo_exists(repo_id)
+
+
 @pytest.mark.parametrize("leak", ["num_examples", "path"])
 def test_stage_rejects_private_facts_in_report(run_dir, tmp_path, leak):
     import shutil

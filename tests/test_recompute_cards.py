@@ -173,3 +173,14 @@ def test_card_with_fewer_queries_than_events_rejected(tmp_path, capsys):
     status, output = recompute(text, tmp_path, capsys)
     assert status == MISMATCH_EXIT
     assert output["failed_checks"] == ["queries"]
+
+
+@pytest.mark.parametrize("teachers,unit", [(1, "example"), (4, "teacher")])
+def test_card_with_wrong_unit_rejected(tmp_path, capsys, teachers, unit):
+    # One teacher protects only the teacher as a whole; an ensemble's Gaussian mean is example-level.
+    multiplier, queries = 30.0, 100
+    ratio = math.sqrt(queries) / multiplier
+    status, output = recompute(gaussian_card(gaussian_epsilon(ratio, DELTA), multiplier, queries, 1.0, teachers, unit),
+                               tmp_path, capsys)
+    assert status == MISMATCH_EXIT
+    assert output["failed_checks"] == ["unit"]
