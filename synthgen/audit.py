@@ -320,13 +320,20 @@ def run_audit(config: AuditConfig) -> dict:
     from .data import load_image_data
     from .models import Classifier, Generator
 
+    from .config import THREADS_FIX, check_int_option
+
     config.validate()
-    if config.threads:
+    if config.threads is not None:
+        try:
+            check_int_option("--threads", config.threads, 1, THREADS_FIX)
+        except ValueError as error:
+            raise AuditError(str(error)) from None
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
     report = _read_report(run_dir)
     private = load_image_data(config.private_data, "train")
     teacher = _load_run_teacher(config, run_dir, private)
+    private = _teacher_training_examples(private, teacher.meta)
     if teacher.meta.dataset_fingerprint and teacher.meta.dataset_fingerprint != private.fingerprint:
         raise AuditError(f"--private-data {config.private_data} is not the data the run's teacher was trained on "
                          "(fingerprints differ); pass the teacher's own training data, or the membership labels "
@@ -429,6 +436,21 @@ class _CallableModule(torch.nn.Module):
 
     def forward(self, images):
         return self.function(images)
+
+
+def _teacher_training_examples(private, meta):
+    """Return the examples of `private` that the teacher was trained on.
+
+    A teacher trained with --limit records the whole dataset it drew from and its limit and seed,
+    so the same subset can be drawn again from the whole dataset. Any other data is returned as
+    it is, for the fingerprint check that follows.
+    """
+    training = meta.training or {}
+    limit = training.get("limit")
+    if (meta.dataset_fingerprint in (None, private.fingerprint) or not limit
+            or meta.ledger_fingerprint != private.fingerprint):
+        return private
+    return private.subset(int(limit), seed=int(training.get("seed", 0)))
 
 
 def summarise(result: dict) -> dict:

@@ -299,14 +299,14 @@ def _find_keys(node, keys: set[str]) -> set[str]:
     return found
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, kind: str) -> dict:
     """Return the JSON object in `path`; raise ReleaseError naming the file when it is not one."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ReleaseError(f"{path} is not a readable JSON {what} ({error}); write it again with synthgen") from None
+        raise ReleaseError(f"{path} is not a readable JSON {kind} ({error}); write it again with synthgen") from None
     if not isinstance(value, dict):
-        raise ReleaseError(f"{path} is not a JSON {what} (an object); write it again with synthgen")
+        raise ReleaseError(f"{path} is not a JSON {kind} (an object); write it again with synthgen")
     return value
 
 

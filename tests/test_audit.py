@@ -122,3 +122,16 @@ def test_audit_command_writes_audit_json(finished_run, mnist_small, capsys, one_
     # audit.json is released with the run: it must not state the private training-set size.
     assert not re.search(rf"(?<![\d.]){SMALL_TRAIN}(?![\d.])", (finished_run / "audit.json").read_text())
     assert str(mnist_small) not in (finished_run / "audit.json").read_text()
+
+
+def test_audit_of_limited_teacher_takes_whole_dataset(mnist_small, tmp_path, capsys, one_thread):
+    # The teacher saw 300 of the 600 examples; the user passes the dataset it drew them from.
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", "--data", str(mnist_small), "--out", str(teacher), "--limit", "300", "--epochs",
+                 "1", "--width", "8", "--hidden", "32", "--eval-split", ""]) == 0
+    transcribe(small_config(teacher, tmp_path / "run", mnist_small, ledger=str(tmp_path / "ledger.duckdb")))
+    args = ["audit", str(tmp_path / "run"), "--private-data", str(mnist_small), "--audit-size", "50",
+            "--shadow-models", "2", "--shadow-epochs", "1", "--synthetic-samples", "50", "--bootstrap", "10"]
+    assert main([*args, "--threads", "-1"]) == 2
+    assert main(args) == 0
+    assert (tmp_path / "run" / "audit.json").is_file()
