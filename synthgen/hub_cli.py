@@ -32,7 +32,13 @@ def _cmd_push(args) -> int:
 
 def _cmd_pull(args) -> int:
     from .hub import pull
+    from .transcribe import resolve_device
 
+    # Checked before the download, so that a typo costs no transfer.
+    if args.samples < 0:
+        raise ValueError(f"--samples must be an integer >= 0, got {args.samples}; pass 0 or omit it to write no "
+                         "samples")
+    resolve_device(args.device)
     release = pull(args.repo_id, revision=args.revision, device=args.device, cache_dir=args.cache_dir)
     summary = release.summary()
     if args.samples:
@@ -57,7 +63,9 @@ def _load_card_metadata(target: str, revision: str | None) -> tuple[dict, str]:
         if path.is_dir() and (path / "README.md").is_file():
             path = path / "README.md"
         elif path.is_dir() and (path / "privacy_report.json").is_file():
-            report = json.loads((path / "privacy_report.json").read_text())
+            from .hub import _read_json
+
+            report = _read_json(path / "privacy_report.json", "privacy report")
             return parse_card(render_card(report)), f"the card rendered from {path / 'privacy_report.json'}"
         if not path.is_file():
             raise FileNotFoundError(f"{target} contains neither a model card (README.md) nor a privacy report")

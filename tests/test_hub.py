@@ -500,3 +500,22 @@ def test_datasets_push_and_load(hub, run_dir, tmp_path, monkeypatch):
     loaded = load_dataset("tester/synthetic", split="train", cache_dir=str(tmp_path / "datasets-cache"))
     assert loaded["label"] == output.labels.tolist()
     assert np.array_equal(np.asarray(loaded[3]["image"]), np.asarray(output.images[3]))
+
+
+@pytest.mark.parametrize("extra,message", [(["--device", "nonsense"], "device must be 'auto', 'cpu' or 'cuda[:N]'"),
+                                           (["--samples", "-3"], "--samples must be an integer >= 0, got -3")])
+def test_pull_options_checked_before_download(hub, repo_id, cache_dir, caplog, extra, message):
+    before = hub.request_count()
+    assert main(["pull", repo_id, *extra]) == 2
+    assert message in caplog.text
+    assert hub.request_count() == before
+
+
+def test_recompute_names_corrupt_report(run_dir, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "privacy_report.json").write_text("{not json")
+    assert main(["privacy", "recompute", str(copy)]) == 2
+    assert f"{copy / 'privacy_report.json'} is not a readable JSON privacy report" in caplog.text
