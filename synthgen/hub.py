@@ -174,7 +174,12 @@ def _translate_hub_errors(settings: HubSettings, repo_id: str, revision: str | N
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         if status == 401:
-            raise HubAuthenticationError(f"{action} {where} failed: {settings.endpoint} rejected the token (HTTP "
+            from huggingface_hub import get_token
+
+            sent = settings.token if isinstance(settings.token, str) else (None if settings.token is False
+                                                                           else get_token())
+            problem = "rejected the token" if sent else "requires a token and none was sent"
+            raise HubAuthenticationError(f"{action} {where} failed: {settings.endpoint} {problem} (HTTP "
                                          "401); set HF_TOKEN to a valid token"
                                          + (" with write access" if action == "pushing" else "")) from None
         if status == 403:
@@ -381,6 +386,18 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
 # ---------------------------------------------------------------- push
 
 
+def _valid_branch_name(name: str) -> bool:
+    """Return whether git accepts `name` as a branch (the rules of git check-ref-format)."""
+    if not name.strip() or name != name.strip() or name == "@" or name.endswith((".", "/", ".lock")):
+        return False
+    if name.startswith(("/", "-")) or ".." in name or "//" in name or "@{" in name:
+        return False
+    if any(character in name for character in " ~^:?*[\\") or any(ord(character) < 32 or ord(character) == 127
+                                                                    for character in name):
+        return False
+    return not any(part.startswith(".") for part in name.split("/"))
+
+
 def push(run_dir: str | os.PathLike, repo_id: str, revision: str | None = None, private: bool = False,
          license: str = "apache-2.0", commit_message: str | None = None, endpoint: str | None = None,  # noqa: A002
          token: str | bool | None = None) -> PushedRelease:
@@ -404,7 +421,7 @@ def push(run_dir: str | os.PathLike, repo_id: str, revision: str | None = None, 
     from huggingface_hub import HfApi
 
     _check_repo_id(repo_id)
-    if revision is not None and (re.fullmatch(r"[0-9a-f]{40}", revision) or not revision.strip()):
+    if revision is not None and (re.fullmatch(r"[0-9a-f]{40}", revision) or not _valid_branch_name(revision)):
         raise ReleaseError(f"--revision must name a branch to commit to, got {revision!r}; pass a branch name such "
                            "as v1 (it is created from main if missing)")
     settings = HubSettings.resolve(endpoint=endpoint, token=token)

@@ -324,6 +324,8 @@ def test_rejected_token(hub, run_dir, repo_id, monkeypatch, cache_dir):
     assert cache_listing(cache_dir) == []
     with pytest.raises(HubAuthenticationError, match="with write access"):
         push(run_dir, repo_id)
+    with pytest.raises(HubAuthenticationError, match=r"requires a token and none was sent \(HTTP 401\)"):
+        push(run_dir, repo_id, token=False)
 
 
 def test_private_repository_needs_token(hub, run_dir, repo_id, monkeypatch, cache_dir):
@@ -340,6 +342,8 @@ def test_private_repository_needs_token(hub, run_dir, repo_id, monkeypatch, cach
     ("a/b/c", None, "repository id must be NAMESPACE/NAME"),
     ("tester/bad name", None, "invalid repository id"),
     ("tester/ok", "0" * 40, "--revision must name a branch"),
+    ("tester/ok", "bad..rev", "--revision must name a branch"),
+    ("tester/ok", "v1.lock", "--revision must name a branch"),
 ])
 def test_push_rejects_invalid_names(hub, run_dir, repo, revision, message):
     before = hub.request_count()
