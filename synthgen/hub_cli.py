@@ -73,16 +73,27 @@ def _load_card_metadata(target: str, revision: str | None) -> tuple[dict, str]:
     if target.count("/") != 1 or target.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{target} is neither an existing path nor a Hub repository id NAMESPACE/NAME")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-    from .hub import HubSettings, _check_repo_id, _translate_hub_errors
+    from .hub import HubSettings, ReleaseError, ReleaseNotCachedError, _check_repo_id, _translate_hub_errors
 
     _check_repo_id(target)
     settings = HubSettings.resolve()
     if not settings.offline:
         settings.check_online()
+    where = target + (f" at revision {revision!r}" if revision else "")
     with _translate_hub_errors(settings, target, revision, "reading the card of"):
-        card = hf_hub_download(target, "README.md", revision=revision, endpoint=settings.endpoint,
-                               cache_dir=settings.cache_dir, local_files_only=settings.offline)
+        try:
+            card = hf_hub_download(target, "README.md", revision=revision, endpoint=settings.endpoint,
+                                   cache_dir=settings.cache_dir, local_files_only=settings.offline)
+        except RemoteEntryNotFoundError:
+            raise ReleaseError(f"{where} has no README.md, so it is not a synthgen release; give a repository that "
+                               "'synthgen push' wrote") from None
+        except LocalEntryNotFoundError:
+            if not settings.offline:
+                raise
+            raise ReleaseNotCachedError(f"HF_HUB_OFFLINE is set and the card of {where} is not in the cache; pull "
+                                        "it once with network access, or unset HF_HUB_OFFLINE") from None
     return parse_card(Path(card).read_text(encoding="utf-8")), f"{target}" + (f"@{revision}" if revision else "")
 
 

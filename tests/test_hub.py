@@ -252,6 +252,18 @@ def test_recompute_detects_edited_card_on_hub(hub, run_dir, repo_id, capsys):
     assert parse_card(edited)["differential_privacy"]["epsilon"] == 1.0
 
 
+def test_recompute_of_repo_without_card(hub, repo_id, caplog, monkeypatch):
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo(repo_id)
+    upload(repo_id, "notes.txt", b"not a release")
+    assert main(["privacy", "recompute", repo_id]) == 2
+    assert f"{repo_id} has no README.md, so it is not a synthgen release" in caplog.text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["privacy", "recompute", repo_id, "--revision", "v2"]) == 2
+    assert "HF_HUB_OFFLINE is set and the card of" in caplog.text
+
+
 # ---------------------------------------------------------------- rejected repositories and failures
 
 
