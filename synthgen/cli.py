@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
@@ -108,25 +107,11 @@ def _limit_training_split(train, limit: int | None, seed: int):
     return train.subset(limit, seed=seed)
 
 
-def _check_run_folder_path(out: str) -> None:
-    """Raise ValueError when --out, or the nearest existing folder above it, is a file."""
-    path = Path(os.path.abspath(out))
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a folder; choose another --out")
-    for parent in path.parents:
-        if not parent.exists():
-            continue
-        if not parent.is_dir():
-            raise ValueError(f"--out {path} is inside {parent}, which is a file, not a folder; choose another --out")
-        return
-
-
 def _cmd_transcribe(args) -> int:
     from .transcribe import transcribe
 
     config = _collect(args, TranscribeConfig)
     check_transcribe_options(config)
-    _check_run_folder_path(config.out)
     result = transcribe(config)
     if not result.main_process:
         return 0  # another rank of a distributed run; rank 0 prints the summary

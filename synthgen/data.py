@@ -88,6 +88,9 @@ class ImageData:
         Examples of a subset are examples of the whole dataset, so spends on several subsets, or on
         a subset and the whole, compose. Keying all of them to the whole dataset keeps its budget
         an upper bound on what any of its examples has spent.
+
+        NOTE: only subsets drawn by `subset` are traced. A file that the user cut from a dataset
+        outside synthgen has a fingerprint of its own, and its spends are not added to the original's.
         """
         return self._whole_fingerprint or self.fingerprint
 

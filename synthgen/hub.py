@@ -351,10 +351,9 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
     from .cards import release_facts
     from .recompute import recompute_card
 
-    audit_path = run_dir / AUDIT_FILE
+    audit = _read_json(run_dir / AUDIT_FILE, "audit") if (run_dir / AUDIT_FILE).is_file() else None
     try:
-        recomputation = recompute_card(release_facts(report, _read_json(audit_path, "audit")
-                                                     if audit_path.is_file() else None))
+        recomputation = recompute_card(release_facts(report, audit))
     except ValueError as error:
         raise ReleaseError(f"the release of {run_dir} cannot be checked: {error}") from None
     if not recomputation.passed:
@@ -374,10 +373,8 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
             shutil.copyfile(run_dir / part / name, folder / part / name)
     shutil.copyfile(run_dir / REPORT_FILE, folder / REPORT_FILE)
     shutil.copyfile(run_dir / "samples.png", folder / "samples.png")
-    audit = None
-    if (run_dir / AUDIT_FILE).is_file():
+    if audit is not None:
         shutil.copyfile(run_dir / AUDIT_FILE, folder / AUDIT_FILE)
-        audit = _read_json(run_dir / AUDIT_FILE, "audit")
     card = render_card(report, repo_id=repo_id, revision=revision, license=license, audit=audit)
     (folder / CARD_FILE).write_text(card, encoding="utf-8")
     return check_release_folder(folder, run_dir)
@@ -387,7 +384,11 @@ def stage_release(run_dir: str | os.PathLike, folder: str | os.PathLike, repo_id
 
 
 def _valid_branch_name(name: str) -> bool:
-    """Return whether git accepts `name` as a branch (the rules of git check-ref-format)."""
+    """Return whether git accepts `name` as a branch (the rules of git check-ref-format).
+
+    NOTE: a Hub server may reject some names that git accepts; those still fail at the branch
+    request, after the repository was created.
+    """
     if not name.strip() or name != name.strip() or name == "@" or name.endswith((".", "/", ".lock")):
         return False
     if name.startswith(("/", "-")) or ".." in name or "//" in name or "@{" in name:

@@ -96,11 +96,26 @@ class TranscriptionResult:
 # ---------------------------------------------------------------- validation and setup
 
 
+def _check_out_path(out: str) -> None:
+    """Raise TranscriptionError when --out, or the nearest existing folder above it, is a file."""
+    path = Path(os.path.abspath(out))
+    if path.exists() and not path.is_dir():
+        raise TranscriptionError(f"--out {path} is a file, not a folder; choose another --out")
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise TranscriptionError(f"--out {path} is inside {parent}, which is a file, not a folder; choose "
+                                     "another --out")
+        return
+
+
 def _check_settings(config: TranscribeConfig) -> None:
     try:
         check_transcribe_options(config)
     except ValueError as error:
         raise TranscriptionError(str(error)) from None
+    _check_out_path(config.out)
     if config.mechanism not in MECHANISMS:
         raise TranscriptionError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {config.mechanism!r}")
     if config.mechanism in ("gaussian", "noisy-label"):
